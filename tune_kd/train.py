@@ -1,0 +1,584 @@
+"""One training run, end to end, without Ray.
+
+    python -m tune_kd.train --config search_spaces/quickstart.yaml --set epochs=3
+    python -m tune_kd.train --method simkd --teacher resnet32x4 \\
+        --teacher-checkpoint resnet32x4_vanilla/ckpt_epoch_240.pth --student resnet8x4
+
+A run trains a group of students that share one teacher pass per batch: every student of the group
+sees the same batches, so the teacher's forward is computed once for all of them. A single
+configuration is a group of one. Each student keeps its own optimizer, schedule, metrics and
+divergence handling; `report` is called once per epoch with each student's metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor, nn
+
+from tune_kd import data as datasets
+from tune_kd import distillers, losses, models
+from tune_kd.config import EXECUTION_KEYS, KEYS, SHARED_KEYS, Config, ConfigError, describe, resolve
+
+# Metrics that measure the machine rather than the training: they differ between identical runs.
+TIMING_METRICS = ("epoch_seconds", "images_per_second")
+
+Report = Callable[[list[dict[str, Any] | None]], None]
+
+
+def learning_rate(config: Config, epoch: int) -> float:
+    """The paper's step schedule: `lr * rate^k` after k of the decay epochs (counted from 1)."""
+    decays = sum(epoch > milestone for milestone in config.lr_decay_epochs)
+    return config.lr * config.lr_decay_rate**decays
+
+
+def load_data(config: Config) -> datasets.Arrays:
+    """The dataset a configuration names. The synthetic set and any validation split are drawn
+    with a fixed seed, so every trial of a sweep sees the same data whatever its own seed."""
+    return datasets.load(
+        config.dataset,
+        config.data_dir,
+        download=config.download,
+        val_size=config.val_size,
+        seed=0,
+        synthetic_classes=config.synthetic_classes,
+        synthetic_train_size=config.synthetic_train_size,
+        synthetic_test_size=config.synthetic_test_size,
+    )
+
+
+def build_teacher(
+    config: Config, num_classes: int, device: torch.device, state_dict: Mapping | None = None
+) -> distillers.Teacher | None:
+    """The frozen teacher: from `state_dict` when given (a sweep shares it), else its checkpoint."""
+    if config.method == "student":
+        return None
+    if state_dict is not None:
+        model = models.create(config.teacher, num_classes=num_classes)
+        model.load_state_dict({k: torch.as_tensor(v) for k, v in state_dict.items()})
+    elif config.teacher_checkpoint is not None:
+        model = models.load_checkpoint(config.teacher_checkpoint, name=config.teacher)
+    else:
+        raise ConfigError(
+            "teacher_checkpoint", f"method '{config.method}' needs the teacher's weights"
+        )
+    classes = [m for m in model.get_classifier().modules() if isinstance(m, nn.Linear)][
+        -1
+    ].out_features
+    if classes != num_classes:
+        raise ConfigError(
+            "teacher_checkpoint",
+            f"the teacher has {classes} classes but {config.dataset} has {num_classes}",
+        )
+    return distillers.Teacher(_prepare(model, config, device))
+
+
+def _prepare(model: nn.Module, config: Config, device: torch.device) -> nn.Module:
+    model = model.to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+@dataclass
+class Member:
+    """One student of a run: its distiller, optimizer and running record."""
+
+    config: Config
+    distiller: distillers.Distiller
+    optimizer: torch.optim.Optimizer
+    best_test_acc: float = 0.0
+    diverged: bool = False
+    sums: Tensor | None = field(default=None, repr=False)  # loss, top-1, top-5, dropped: on device
+
+    @property
+    def active(self) -> bool:
+        return not self.diverged
+
+
+def build_member(
+    config: Config, teacher: distillers.Teacher | None, num_classes: int, device: torch.device
+) -> Member:
+    """A student, its distiller and its optimizer. Seeded by the config alone, so a student
+    starts from the same weights whether it trains alone or in a group."""
+    torch.manual_seed(config.seed)
+    student = _prepare(models.create(config.student, num_classes=num_classes), config, device)
+    distiller = distillers.create(config, student, teacher).to(device)
+    if config.channels_last:
+        distiller = distiller.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(
+        [p for p in distiller.parameters() if p.requires_grad],
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        nesterov=config.nesterov,
+        fused=device.type == "cuda",  # one kernel for every parameter
+    )
+    return Member(config, distiller, optimizer)
+
+
+def train_one_epoch(run: Run, epoch: int) -> float:
+    """Train every active student for one epoch; returns the seconds it took.
+
+    Metrics accumulate on the device and are read once, at the end of the epoch.
+    """
+    members = [m for m in run.members if m.active]
+    for m in members:
+        m.distiller.train()
+        for group in m.optimizer.param_groups:
+            group["lr"] = learning_rate(m.config, epoch)
+        # zeroed in place: a captured step adds to this very tensor
+        m.sums = torch.zeros(4, device=run.device) if m.sums is None else m.sums.zero_()
+    step = StepPlan(run, members)
+    start = time.perf_counter()
+    for images, labels in run.batches(epoch):
+        if run.configs[0].compile == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are free
+        if run.configs[0].cuda_graphs and len(labels) == run.configs[0].batch_size:
+            run.captured_step(step, images, labels).replay(images, labels)
+        else:
+            step(images, labels)
+    _synchronize(run.device)
+    return time.perf_counter() - start
+
+
+class StepPlan:
+    """One optimizer step of every active student on one batch, sharing one teacher pass."""
+
+    def __init__(self, run: Run, members: list[Member]):
+        self.run = run
+        self.members = members
+        self.stages = set().union(*(m.distiller.teacher_stages for m in members))
+        self.needs_teacher = any(m.distiller.uses_teacher for m in members)
+
+    @property
+    def key(self) -> tuple:
+        """What a captured step depends on: which students train, and at which learning rates."""
+        return tuple((id(m), m.optimizer.param_groups[0]["lr"]) for m in self.members)
+
+    def __call__(self, images: Tensor, labels: Tensor) -> None:
+        run = self.run
+        with run.autocast():
+            teacher_out = run.teacher(images, labels, self.stages) if self.needs_teacher else None
+        for m in self.members:
+            with run.autocast():
+                out = m.distiller.train_step(images, labels, teacher_out)
+            m.optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            m.optimizer.step()
+            m.sums += _step_sums(out, labels)
+
+
+class CapturedStep:
+    """A `StepPlan` recorded once as a CUDA graph and replayed on every full batch: one launch
+    instead of hundreds, where small CIFAR networks would otherwise wait on Python.
+
+    Warm-up steps on the first batch create the optimizer state and let cuDNN pick its kernels;
+    the students' weights, buffers, optimizer state and sums are then put back, so that training
+    goes exactly as the same steps without the graph.
+    """
+
+    def __init__(self, step: StepPlan, images: Tensor, labels: Tensor):
+        self.key = step.key
+        self.images, self.labels = images.clone(), labels.clone()
+        saved = [_state_tensors(m) for m in step.members]
+        side = torch.cuda.Stream(images.device)
+        side.wait_stream(torch.cuda.current_stream(images.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step(self.images, self.labels)
+        torch.cuda.current_stream(images.device).wait_stream(side)
+        for m, before in zip(step.members, saved):
+            _restore(m, before)
+            m.optimizer.zero_grad(set_to_none=True)  # backward allocates grads in the graph's pool
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            step(self.images, self.labels)
+
+    def replay(self, images: Tensor, labels: Tensor) -> None:
+        self.images.copy_(images)
+        self.labels.copy_(labels)
+        self.graph.replay()
+
+
+def _state_tensors(m: Member) -> dict[str, Tensor | None]:
+    """Copies of everything a training step changes in place, keyed by where it lives."""
+    saved: dict[str, Tensor | None] = {
+        f"model.{k}": v.detach().clone() for k, v in m.distiller.state_dict().items()
+    }
+    for i, p in enumerate(m.optimizer.param_groups[0]["params"]):
+        buffer = m.optimizer.state.get(p, {}).get("momentum_buffer")
+        saved[f"momentum.{i}"] = None if buffer is None else buffer.clone()
+    saved["sums"] = m.sums.clone()
+    return saved
+
+
+def _restore(m: Member, saved: dict[str, Tensor | None]) -> None:
+    """Put saved values back in place (a captured graph holds on to the tensors themselves).
+    A momentum buffer that did not exist is zeroed: SGD's first step gives the same result."""
+    with torch.no_grad():
+        for k, v in m.distiller.state_dict().items():
+            v.copy_(saved[f"model.{k}"])
+        for i, p in enumerate(m.optimizer.param_groups[0]["params"]):
+            buffer = m.optimizer.state.get(p, {}).get("momentum_buffer")
+            before = saved[f"momentum.{i}"]
+            if buffer is not None and before is not None:
+                buffer.copy_(before)
+            elif buffer is not None:
+                buffer.zero_()
+        m.sums.copy_(saved["sums"])
+
+
+def _step_sums(out: distillers.StepOutput, labels: Tensor) -> Tensor:
+    """Summed loss, top-1 and top-5 hits and samples left out of distillation, for one batch."""
+    hits = losses.correct_top1_top5(out.logits.detach(), labels).float()
+    dropped = (~out.kept).sum().float() if out.kept is not None else hits.new_zeros(())
+    return torch.stack([out.loss.detach().float() * len(labels), hits[0], hits[1], dropped])
+
+
+def evaluate(run: Run) -> list[Tensor]:
+    """Loss, top-1 and top-5 hits over the evaluation split for every active student (sums)."""
+    members = [m for m in run.members if m.active]
+    totals = [torch.zeros(3, device=run.device) for _ in members]
+    for m in members:
+        m.distiller.eval()
+    # no_grad rather than inference_mode: a compiled student must not be traced in both modes.
+    with torch.no_grad():
+        for images, labels in run.eval_batches():
+            for m, total in zip(members, totals):
+                with run.autocast():
+                    logits = m.distiller.predict(images)
+                loss = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+                total += torch.cat([loss[None], losses.correct_top1_top5(logits, labels).float()])
+    return totals
+
+
+def evaluate_teacher(run: Run) -> float | None:
+    """Top-1 accuracy (%) of the teacher on the evaluation split."""
+    if run.teacher is None:
+        return None
+    hits = torch.zeros((), device=run.device)
+    with torch.inference_mode():
+        for images, labels in run.eval_batches():
+            with run.autocast():
+                logits = run.teacher.model(images)
+            hits += (logits.argmax(dim=1) == labels).sum()
+    return 100 * hits.item() / run.data.num_eval
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Run:
+    """The state of one run: the data on the device, the teacher, and the group of students."""
+
+    def __init__(
+        self,
+        configs: Sequence[Config | Mapping[str, Any]],
+        *,
+        data: datasets.Arrays | None = None,
+        teacher_state: Mapping | None = None,
+    ):
+        self.configs = [
+            resolve(c if isinstance(c, Config) else Config.from_dict(c)) for c in configs
+        ]
+        check_group(self.configs)
+        first = self.configs[0]
+        self.device = torch.device(first.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self.data = datasets.DeviceData(data if data is not None else load_data(first), self.device)
+        self.teacher = build_teacher(first, self.data.num_classes, self.device, teacher_state)
+        self.members = [
+            build_member(c, self.teacher, self.data.num_classes, self.device) for c in self.configs
+        ]
+        if first.compile != "off":
+            for m in self.members:
+                m.distiller.student.compile(mode=first.compile)
+            if self.teacher is not None:
+                self.teacher.model.compile(mode=first.compile)
+        self.epoch = 0
+        self._captured: CapturedStep | None = None
+        self.teacher_test_acc = evaluate_teacher(self)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.configs[0].precision == "bf16":
+            # A captured graph must cast the weights on every replay: no cast cache.
+            cache = not self.configs[0].cuda_graphs
+            return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=cache)
+        return contextlib.nullcontext()
+
+    def captured_step(self, step: StepPlan, images: Tensor, labels: Tensor) -> CapturedStep:
+        """The CUDA graph of `step`, captured again when the students or their lrs change."""
+        if self._captured is None or self._captured.key != step.key:
+            self._captured = None  # free the old graph's memory first
+            self._captured = CapturedStep(step, images, labels)
+        return self._captured
+
+    @property
+    def done(self) -> bool:
+        return self.epoch >= self.configs[0].epochs or not any(m.active for m in self.members)
+
+    def batches(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        first = self.configs[0]
+        for images, labels in self.data.train_batches(epoch, first.batch_size, first.seed):
+            yield self._format(images), labels
+
+    def eval_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for images, labels in self.data.eval_batches(self.configs[0].eval_batch_size):
+            yield self._format(images), labels
+
+    def _format(self, images: Tensor) -> Tensor:
+        if self.configs[0].channels_last:
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def train_epoch(self) -> list[dict[str, Any] | None]:
+        """Train and evaluate one epoch; the metrics of each student (None once it has stopped)."""
+        self.epoch += 1
+        active = [m for m in self.members if m.active]
+        start = time.perf_counter()
+        train_seconds = train_one_epoch(self, self.epoch)
+        eval_totals = evaluate(self)
+        epoch_seconds = time.perf_counter() - start
+        metrics: dict[int, dict[str, Any]] = {}
+        for m, totals in zip(active, eval_totals):
+            metrics[id(m)] = self._epoch_metrics(m, totals, train_seconds, epoch_seconds)
+        return [metrics.get(id(m)) for m in self.members]
+
+    def _epoch_metrics(
+        self, m: Member, eval_totals: Tensor, train_seconds: float, epoch_seconds: float
+    ) -> dict[str, Any]:
+        n_train, n_eval = self.data.num_train, self.data.num_eval
+        train_loss, train_top1, _, dropped = m.sums.tolist()
+        test_loss, test_top1, test_top5 = eval_totals.tolist()
+        test_acc = 100 * test_top1 / n_eval
+        m.diverged = not (math.isfinite(train_loss) and math.isfinite(test_loss))
+        if not m.diverged:
+            m.best_test_acc = max(m.best_test_acc, test_acc)
+        return {
+            "epoch": self.epoch,
+            "lr": learning_rate(m.config, self.epoch),
+            "train_loss": train_loss / n_train,
+            "train_acc": 100 * train_top1 / n_train,
+            "test_loss": test_loss / n_eval,
+            "test_acc": test_acc,
+            "test_acc_top5": 100 * test_top5 / n_eval,
+            "best_test_acc": m.best_test_acc,
+            "dropped_samples": int(dropped),
+            "epoch_seconds": epoch_seconds,
+            "images_per_second": n_train / train_seconds,
+            "teacher_test_acc": self.teacher_test_acc,
+            "diverged": m.diverged,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: the batches of an epoch are drawn from a generator
+        seeded by (seed, epoch), so the epoch number is the data order's state."""
+        return {
+            "epoch": self.epoch,
+            "torch_rng": torch.get_rng_state(),
+            "members": [
+                {
+                    "config": m.config.to_dict(),
+                    "distiller": m.distiller.state_dict(),
+                    "optimizer": m.optimizer.state_dict(),
+                    "best_test_acc": m.best_test_acc,
+                    "diverged": m.diverged,
+                }
+                for m in self.members
+            ],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        saved = [Config.from_dict(s["config"]) for s in state["members"]]
+        if [training_keys(c) for c in saved] != [training_keys(c) for c in self.configs]:
+            raise ValueError("the checkpoint was written by a run with another configuration")
+        self.epoch = state["epoch"]
+        self._captured = None  # the optimizer's state tensors are new: capture again
+        torch.set_rng_state(state["torch_rng"])
+        for m, s in zip(self.members, state["members"]):
+            m.distiller.load_state_dict(s["distiller"])
+            m.optimizer.load_state_dict(s["optimizer"])
+            m.best_test_acc = s["best_test_acc"]
+            m.diverged = s["diverged"]
+
+    def save(self, path: str | Path) -> None:
+        """Write the full state atomically (a crash mid-write leaves the previous file intact)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        tmp.replace(path)
+
+    def load(self, path: str | Path) -> None:
+        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+
+    def export_student(self, index: int, path: str | Path) -> None:
+        """The student's weights in the RepDistiller/SimKD format, usable as a teacher."""
+        m = self.members[index]
+        state = {k: v.cpu() for k, v in m.distiller.student.state_dict().items()}
+        torch.save({"model": state, "epoch": self.epoch, "best_acc": m.best_test_acc}, path)
+
+
+def training_keys(config: Config) -> dict[str, Any]:
+    """What a checkpoint must agree on to be continued: the configuration without the keys that
+    only say where and how fast it runs, and without `epochs`, so a finished run can be extended."""
+    return {k: v for k, v in config.to_dict().items() if k not in (*EXECUTION_KEYS, "epochs")}
+
+
+def check_group(configs: Sequence[Config]) -> None:
+    """Students of one run must agree on everything that fixes the batches and the teacher."""
+    if not configs:
+        raise ValueError("a run needs at least one configuration")
+    first = configs[0].to_dict()
+    for config in configs[1:]:
+        for key in SHARED_KEYS:
+            if config.to_dict()[key] != first[key]:
+                raise ConfigError(key, "students trained in one group must share this key")
+
+
+def fit(run: Run, report: Report | None = None, save: Callable[[Run], None] | None = None) -> None:
+    """Train until the last epoch or until every student has diverged."""
+    while not run.done:
+        metrics = run.train_epoch()
+        if save is not None:
+            save(run)
+        if report is not None:
+            report(metrics)
+
+
+# ----------------------------------------------------------------------------- command line
+
+COLUMNS = (
+    ("epoch", "{:>5d}"),
+    ("lr", "{:>8.5f}"),
+    ("train_loss", "{:>10.4f}"),
+    ("train_acc", "{:>9.2f}"),
+    ("test_loss", "{:>9.4f}"),
+    ("test_acc", "{:>8.2f}"),
+    ("test_acc_top5", "{:>13.2f}"),
+    ("best_test_acc", "{:>13.2f}"),
+    ("dropped_samples", "{:>15d}"),
+    ("epoch_seconds", "{:>13.1f}"),
+    ("images_per_second", "{:>17.0f}"),
+)
+
+
+def format_header() -> str:
+    return "  ".join(f"{name:>{len(fmt.format(0))}}" for name, fmt in COLUMNS)
+
+
+def format_row(metrics: Mapping[str, Any]) -> str:
+    row = "  ".join(fmt.format(metrics[name]) for name, fmt in COLUMNS)
+    return row + ("  diverged" if metrics["diverged"] else "")
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """`key=value` strings, each value read as YAML (`lr=0.1`, `lr_decay_epochs=[2,4]`)."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(pair, "expected key=value")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tune_kd.train",
+        description="Train one configuration and print one line per epoch.",
+        epilog="configuration keys (each also a flag, e.g. --teacher-checkpoint PATH):\n"
+        + describe(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config", type=Path, help="a YAML file of keys, or a search-space file of one trial"
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="run folder (default runs/<time>-<method>-<student>)"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the run folder's checkpoint"
+    )
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=1, metavar="N", help="save every N epochs"
+    )
+    for key in KEYS:
+        parser.add_argument(
+            "--" + key.replace("_", "-"), dest=f"key_{key}", metavar="VALUE", help=argparse.SUPPRESS
+        )
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    values: dict[str, Any] = {}
+    if args.config is not None:
+        from tune_kd import space
+
+        values.update(space.load(args.config).single_trial())
+    for key in KEYS:
+        flag = getattr(args, f"key_{key}")
+        if flag is not None:
+            values[key] = yaml.safe_load(flag)
+    values.update(parse_overrides(args.set))
+    return resolve(Config.from_dict(values))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+        out = (
+            args.out
+            or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.method}-{config.student}"
+        )
+        run = Run([config])
+    except (ValueError, datasets.DatasetUnavailable) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = out / "checkpoint.pt"
+    if args.resume:
+        run.load(checkpoint)
+    (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    teacher = f", teacher {run.teacher_test_acc:.2f}%" if run.teacher_test_acc is not None else ""
+    where = f"{config.device}, {config.precision}{teacher}"
+    print(f"{config.method}: {config.student} on {config.dataset} ({where}), writing to {out}")
+    print(format_header())
+
+    def report(metrics: list[dict[str, Any] | None]) -> None:
+        row = metrics[0]
+        if row is None:
+            return
+        print(format_row(row), flush=True)
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def save(run: Run) -> None:
+        if run.epoch % args.checkpoint_every == 0 or run.done:
+            run.save(checkpoint)
+
+    fit(run, report, save)
+    run.export_student(0, out / "student.pth")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
