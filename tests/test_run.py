@@ -1,0 +1,170 @@
+"""Sweeps under a local Ray: the quickstart end to end, cached teachers, a resumed sweep."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tune_kd import models
+
+ROOT = Path(__file__).parents[1]
+QUICK = [
+    "--space",
+    str(ROOT / "search_spaces" / "quickstart.yaml"),
+    "--set",
+    "synthetic_train_size=128",
+    "--set",
+    "synthetic_test_size=64",
+    "--set",
+    "batch_size=32",
+    "--set",
+    "epochs=2",
+    "--set",
+    "lr_decay_epochs=[1]",
+    "--set",
+    "lr=[0.05]",
+    "--set",
+    "seed=[0]",
+    "--set",
+    "teacher_train.epochs=1",
+]
+
+
+def sweep(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tune_kd.run", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def epochs_of(trial: Path) -> list[int]:
+    lines = (
+        (trial / "result.json").read_text().splitlines() if (trial / "result.json").exists() else []
+    )
+    return [json.loads(line)["epoch"] for line in lines]
+
+
+@pytest.fixture(scope="session")
+def quick(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    storage = tmp_path_factory.mktemp("results")
+    done = sweep(*QUICK, "--storage", str(storage), "--name", "quick")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return storage, done
+
+
+def test_the_quickstart_runs_end_to_end_on_cpus(quick):
+    storage, done = quick
+    experiment = storage / "quick"
+    plan = json.loads((experiment / "tune_kd_plan.json").read_text())
+    assert plan["planned"] == 3 and plan["axes"] == ["loss", "lr", "seed"]
+    assert plan["resources"] == {"cpu": 1.0, "gpu": 0.0}
+    for index in range(3):
+        assert epochs_of(experiment / f"trial_{index:04d}") == [1, 2]
+    assert done.stdout.count("no GPU on this machine") == 1
+    assert "training 1 teacher(s) first: resnet14" in done.stdout
+    assert str(experiment) in done.stdout and "3 planned: 3 completed" in done.stdout
+    for name in ("trials.parquet", "epochs.parquet", "summary.md", "summary.csv", "summary.tex"):
+        assert (experiment / "results" / name).exists()
+
+
+def test_the_teacher_is_cached_in_the_fields_format(quick):
+    storage, _ = quick
+    [checkpoint] = (storage / "teachers").glob("resnet14_vanilla-*/ckpt_epoch_1.pth")
+    model = models.load_checkpoint(checkpoint)
+    assert type(model).__name__ and model.get_classifier().out_features == 10
+
+
+def test_an_interrupted_sweep_of_groups_resumes_without_rerunning_finished_ones(quick):
+    """Two groups of three students sharing a teacher pass (one per seed), run one at a time,
+    interrupted once the first is done, then resumed."""
+    storage, _ = quick
+    args = [
+        *QUICK,
+        "--set",
+        "seed=[0,1]",
+        "--set",
+        "group_students=true",
+        "--set",
+        "epochs=3",
+        "--max-concurrent",
+        "1",
+        "--storage",
+        str(storage),
+    ]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tune_kd.run", *args, "--name", "resume"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    experiment = storage / "resume"
+    deadline = time.monotonic() + 300
+    while epochs_of(experiment / "group_0000") != [1, 2, 3] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    first = process.communicate(timeout=300)[0]
+    assert "training 1 teacher" not in first  # the first sweep's teacher was reused
+    finished_before = (experiment / "group_0000" / "result.json").read_text()
+    assert epochs_of(experiment / "group_0001") != [1, 2, 3]  # interrupted before its end
+
+    resumed = sweep(
+        "--resume",
+        "--name",
+        "resume",
+        "--storage",
+        str(storage),
+        "--space",
+        str(ROOT / "search_spaces" / "quickstart.yaml"),
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert (experiment / "group_0000" / "result.json").read_text() == finished_before
+    assert epochs_of(experiment / "group_0001") == [1, 2, 3]
+    trials = pd.read_parquet(experiment / "results" / "trials.parquet")
+    assert len(trials) == 6 and set(trials["status"]) == {"completed"}
+    assert sorted(trials["seed"]) == [0, 0, 0, 1, 1, 1]
+    assert "6 planned: 6 completed" in resumed.stdout
+
+
+def test_a_dry_run_starts_nothing(tmp_path):
+    done = sweep(*QUICK, "--dry-run", "--storage", str(tmp_path / "results"))
+    assert done.returncode == 0
+    assert "\n3 trials" in done.stdout and "teacher resnet14: trained first" in done.stdout
+    assert not (tmp_path / "results").exists()
+    assert "Ray" not in done.stdout + done.stderr
+
+
+def test_missing_cifar_is_one_line_and_nothing_is_written(tmp_path):
+    env = {**os.environ, "TUNE_KD_DATA": str(tmp_path / "data")}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tune_kd.run",
+            "--space",
+            str(ROOT / "search_spaces" / "teachers.yaml"),
+            "--set",
+            "download=false",
+            "--storage",
+            str(tmp_path / "results"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1 and str(tmp_path / "data") in done.stderr
+    assert not (tmp_path / "results").exists()

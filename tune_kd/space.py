@@ -1,0 +1,611 @@
+"""Search-space files: load, validate in full, expand into trials, and describe them to Ray Tune.
+
+A space file is a run configuration (any key of `tune_kd.config.Config`, single values) plus a few
+sweep keys:
+
+    name: study-losses
+    dataset: cifar100
+    teacher: resnet38x2
+    student: resnet8x4
+    method: simkd
+    grid:                      # every combination of these values is one trial
+      loss: [l2, cosine, kl]
+      lr: [0.001, 0.005, 0.01, 0.05, 0.1]
+      seed: [0, 1, 2]
+    resources: {cpu: 2, gpu: 0.25}
+
+`grids:` (a list of grids) runs their union. A grid axis that is not a configuration key takes
+mappings, each setting several keys together: `pair: [{teacher: resnet32x4, student: vgg8}, ...]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tune_kd import models
+from tune_kd.config import (
+    DATA_KEYS,
+    EXECUTION_KEYS,
+    KEYS,
+    SHARED_KEYS,
+    Config,
+    ConfigError,
+    check_value,
+    resolve,
+)
+
+SCHEDULERS = ("fifo", "asha")
+SEARCH_ALGORITHMS = ("grid", "optuna")
+RANGE_KINDS = ("uniform", "loguniform", "randint", "choice")
+# Metrics a search or a scheduler may optimise (all maximised).
+METRICS = ("best_test_acc", "test_acc", "test_acc_top5")
+# Keys without effect under a method: left out of a trial's labels so tables do not split on them.
+UNUSED_BY_METHOD = {
+    "student": (
+        "teacher",
+        "teacher_checkpoint",
+        "loss",
+        "projector",
+        "projector_design",
+        "factor",
+        "teacher_correct_only",
+    ),
+    "kd": ("loss", "projector", "projector_design", "factor"),
+    "simkd": (),
+}
+# Columns every trial is labelled with, swept or not, so results from different files line up.
+LABELS = ("teacher", "student", "method", "loss", "projector", "lr", "seed")
+
+
+class SpaceError(ValueError):
+    """A search-space file that cannot be run: names the file and the key."""
+
+    def __init__(self, path: str | Path, key: str, message: str):
+        super().__init__(f"{path}: key '{key}': {message}")
+        self.path = str(path)
+        self.key = key
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpu: float = 1.0
+    gpu: float = 0.0
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    """FIFO runs every trial to the end; ASHA stops the worst at rungs of `grace_period` epochs
+    times powers of `reduction_factor`."""
+
+    name: str = "fifo"
+    grace_period: int = 1
+    reduction_factor: float = 3.0
+
+
+@dataclass(frozen=True)
+class Range:
+    kind: str
+    args: tuple
+
+
+@dataclass(frozen=True)
+class Search:
+    algorithm: str = "grid"
+    samples: int = 1
+    ranges: dict[str, Range] = field(default_factory=dict)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One planned run: its place in the plan, the values that identify it, its configuration."""
+
+    index: int
+    axes: dict[str, Any]
+    config: Config
+
+    @property
+    def labels(self) -> dict[str, Any]:
+        """The identifying columns of results tables: the standard labels and every swept axis,
+        with keys that have no effect under the trial's method left empty."""
+        values = self.config.to_dict()
+        labels = {key: values[key] for key in LABELS} | dict(self.axes)
+        for key in UNUSED_BY_METHOD[self.config.method]:
+            if key in labels:
+                labels[key] = None
+        return labels
+
+
+@dataclass(frozen=True)
+class TeacherNeed:
+    """A teacher some trials distil from: a checkpoint file, or a recipe to train it first."""
+
+    arch: str
+    checkpoint: str | None = None
+    recipe: Config | None = None
+
+    @property
+    def key(self) -> str:
+        """Where trials find its weights: the checkpoint path, or the recipe's hash."""
+        return self.checkpoint if self.checkpoint else f"recipe:{recipe_hash(self.recipe)}"
+
+
+@dataclass
+class Space:
+    path: Path
+    name: str
+    description: str
+    base: dict[str, Any]
+    trials: list[Trial]
+    axes: list[str]
+    teachers: list[TeacherNeed]
+    resources: Resources
+    scheduler: Scheduler
+    search: Search
+    metric: str
+    group_students: bool
+
+    def single_trial(self) -> dict[str, Any]:
+        """The configuration of a file that describes exactly one run (for `tune_kd.train`)."""
+        if self.search.algorithm != "grid" or len(self.trials) != 1:
+            count = self.search.samples if self.search.algorithm != "grid" else len(self.trials)
+            raise SpaceError(
+                self.path,
+                "grid",
+                f"describes {count} trials, not one: "
+                "run it with python -m tune_kd.run, or pick one with --set",
+            )
+        return self.trials[0].config.to_dict()
+
+    @property
+    def planned(self) -> int:
+        return self.search.samples if self.search.algorithm == "optuna" else len(self.trials)
+
+
+SPACE_KEYS = (
+    "name",
+    "description",
+    "grid",
+    "grids",
+    "teacher_train",
+    "teacher_checkpoints",
+    "resources",
+    "scheduler",
+    "search",
+    "metric",
+    "group_students",
+)
+
+
+def load(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Space:
+    """Read and validate a space file; `overrides` are `--set` values (a grid axis is replaced)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise SpaceError(path, "-", f"cannot read the file ({error.strerror})") from None
+    return load_text(text, path, overrides)
+
+
+def load_text(text: str, path: str | Path, overrides: Mapping[str, Any] | None = None) -> Space:
+    """Validate the text of a space file; `path` is where it came from, for messages."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise SpaceError(path, "-", f"not valid YAML ({_first_line(error)})") from None
+    if not isinstance(raw, dict):
+        raise SpaceError(path, "-", "expected a mapping of keys at the top level")
+    try:
+        return _parse(path, apply_overrides(raw, overrides or {}))
+    except ConfigError as error:
+        raise SpaceError(path, error.key, error.detail) from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """`key=value` overrides: a swept key is replaced in every grid, `a.b` reaches into mappings."""
+    raw = json.loads(json.dumps(raw, default=str))
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            section = raw.setdefault(head, {})
+            if not isinstance(section, dict):
+                raise SpaceError("--set", key, f"'{head}' is not a mapping")
+            section[rest] = value
+            continue
+        grids = raw["grids"] if isinstance(raw.get("grids"), list) else [raw.get("grid") or {}]
+        swept = [g for g in grids if isinstance(g, dict) and key in g]
+        for grid in swept:
+            grid[key] = value if isinstance(value, list) else [value]
+        if not swept:
+            raw[key] = value
+    return raw
+
+
+def _parse(path: Path, raw: dict[str, Any]) -> Space:
+    config_keys = set(KEYS)
+    for key in raw:
+        if key not in config_keys and key not in SPACE_KEYS:
+            raise ConfigError(key, f"unknown key{_close(key, [*config_keys, *SPACE_KEYS])}")
+    base = {k: v for k, v in raw.items() if k in config_keys}
+    grids = _grids(raw)
+    search = _search(raw.get("search", "grid"))
+    if search.algorithm == "optuna" and any(grids):
+        raise ConfigError(
+            "grid", "search 'optuna' samples its own trials: move the grid into search.space"
+        )
+    scheduler = _scheduler(raw.get("scheduler", "fifo"))
+    trials = _expand(base, grids, search)
+    axes = list(dict.fromkeys(k for t in trials for k in t.axes))
+    group_students = check_value("group_students", raw.get("group_students", False), bool, {})
+    if group_students and scheduler.name != "fifo":
+        raise ConfigError(
+            "group_students",
+            "students trained together cannot be stopped one by one: use scheduler fifo",
+        )
+    teachers = _teachers(path, raw, trials)
+    return Space(
+        path=path,
+        name=check_value("name", raw.get("name", path.stem), str, {}),
+        description=str(raw.get("description", "")).strip(),
+        base=base,
+        trials=trials,
+        axes=axes,
+        teachers=teachers,
+        resources=_resources(raw.get("resources", {})),
+        scheduler=scheduler,
+        search=search,
+        metric=check_value("metric", raw.get("metric", "best_test_acc"), str, {"choices": METRICS}),
+        group_students=group_students,
+    )
+
+
+def _grids(raw: dict[str, Any]) -> list[dict[str, list]]:
+    if "grid" in raw and "grids" in raw:
+        raise ConfigError("grids", "give either grid or grids, not both")
+    if "grids" in raw:
+        if not isinstance(raw["grids"], list) or not raw["grids"]:
+            raise ConfigError("grids", "expected a list of grids")
+        named = [(f"grids[{i}]", g) for i, g in enumerate(raw["grids"])]
+    else:
+        named = [("grid", raw.get("grid") or {})]
+    return [_grid(name, grid) for name, grid in named]
+
+
+def _grid(name: str, grid: Any) -> dict[str, list]:
+    if not isinstance(grid, dict):
+        raise ConfigError(name, "expected a mapping of key: [values]")
+    config_keys = KEYS
+    for axis, values in grid.items():
+        where = f"{name}.{axis}"
+        if not isinstance(values, list) or not values:
+            raise ConfigError(where, "expected a non-empty list of values")
+        if axis in config_keys:
+            continue
+        if not all(isinstance(v, dict) for v in values):
+            raise ConfigError(
+                where,
+                f"unknown key{_close(axis, config_keys)} (an axis that is "
+                "not a configuration key takes mappings of keys)",
+            )
+        for bundle in values:
+            for key in bundle:
+                if key not in config_keys:
+                    raise ConfigError(f"{where}.{key}", f"unknown key{_close(key, config_keys)}")
+    return grid
+
+
+def _expand(base: dict[str, Any], grids: list[dict[str, list]], search: Search) -> list[Trial]:
+    """Every combination of every grid, in file order (first axis outermost), validated."""
+    trials: list[Trial] = []
+    for name, grid in zip(_grid_names(grids), grids):
+        axes = list(grid)
+        for combination in itertools.product(*(grid[a] for a in axes)):
+            swept: dict[str, Any] = {}
+            for axis, value in zip(axes, combination):
+                swept.update(value if isinstance(value, dict) else {axis: value})
+            try:
+                config = Config.from_dict({**base, **swept})
+            except ConfigError as error:
+                key = f"{name}.{error.key}" if error.key in swept else error.key
+                raise ConfigError(key, error.detail) from None
+            trials.append(Trial(len(trials), swept, config))
+    if search.algorithm == "optuna":
+        for key, spec in search.ranges.items():
+            for end in spec.args:
+                check_value(f"search.space.{key}", end, _hint(key), _rules(key))
+    return trials
+
+
+def _grid_names(grids: list[dict]) -> list[str]:
+    return ["grid"] if len(grids) == 1 else [f"grids[{i}]" for i in range(len(grids))]
+
+
+def _hint(key: str) -> Any:
+    import typing
+
+    return typing.get_type_hints(Config)[key]
+
+
+def _rules(key: str) -> Mapping[str, Any]:
+    return next(f.metadata for f in dataclasses.fields(Config) if f.name == key)
+
+
+def _teachers(path: Path, raw: dict[str, Any], trials: list[Trial]) -> list[TeacherNeed]:
+    """The teacher every distilling trial needs, resolved to a readable checkpoint or a recipe.
+
+    Trials get their `teacher_checkpoint` filled in from `teacher_checkpoints` (arch -> path)."""
+    paths = raw.get("teacher_checkpoints") or {}
+    if not isinstance(paths, dict):
+        raise ConfigError("teacher_checkpoints", "expected a mapping of architecture: path")
+    recipe = raw.get("teacher_train")
+    if recipe is not None and not isinstance(recipe, dict):
+        raise ConfigError(
+            "teacher_train", "expected a mapping of training keys ({} for the paper's)"
+        )
+    needs: dict[str, TeacherNeed] = {}
+    for i, trial in enumerate(trials):
+        config = trial.config
+        if config.method == "student":
+            continue
+        checkpoint = config.teacher_checkpoint or paths.get(config.teacher)
+        if checkpoint is None and recipe is None:
+            raise ConfigError(
+                "teacher_checkpoints",
+                f"no checkpoint for teacher '{config.teacher}': "
+                "list its path here, or give teacher_train to train it first",
+            )
+        need = (
+            TeacherNeed(config.teacher, checkpoint=str(checkpoint))
+            if checkpoint
+            else TeacherNeed(config.teacher, recipe=teacher_recipe(config, recipe))
+        )
+        if need.key not in needs:
+            if need.checkpoint:
+                _check_checkpoint(need, config, f"teacher_checkpoints.{config.teacher}")
+            needs[need.key] = need
+        if checkpoint and config.teacher_checkpoint != checkpoint:
+            trials[i] = dataclasses.replace(
+                trial, config=dataclasses.replace(config, teacher_checkpoint=str(checkpoint))
+            )
+    return list(needs.values())
+
+
+def teacher_recipe(config: Config, recipe: Mapping[str, Any]) -> Config:
+    """The teacher's own training run: the trial's data, cross-entropy, and the recipe's keys."""
+    values = {k: getattr(config, k) for k in DATA_KEYS}
+    try:
+        return Config.from_dict(
+            {**values, **recipe, "method": "student", "student": config.teacher}
+        )
+    except ConfigError as error:
+        raise ConfigError(f"teacher_train.{error.key}", error.detail) from None
+
+
+def recipe_hash(recipe: Config | None) -> str:
+    """A short hash of what a teacher's training computes (not where it runs)."""
+    assert recipe is not None
+    resolved = resolve(dataclasses.replace(recipe, device="cpu"))
+    unused = (*EXECUTION_KEYS, *UNUSED_BY_METHOD["student"])
+    values = {k: v for k, v in resolved.to_dict().items() if k not in unused}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _check_checkpoint(need: TeacherNeed, config: Config, key: str) -> None:
+    """Load the teacher on the CPU: an unreadable or mismatched file fails before anything runs."""
+    try:
+        model = models.load_checkpoint(need.checkpoint, name=need.arch)
+    except ValueError as error:
+        raise ConfigError(key, _first_line(error)) from None
+    classes = {"cifar100": 100, "cifar10": 10}.get(config.dataset, config.synthetic_classes)
+    out = [m for m in model.modules() if hasattr(m, "out_features")][-1].out_features
+    if out != classes:
+        raise ConfigError(
+            key, f"{need.checkpoint} has {out} classes but {config.dataset} has {classes}"
+        )
+
+
+def _resources(raw: Any) -> Resources:
+    if not isinstance(raw, dict):
+        raise ConfigError("resources", "expected a mapping such as {cpu: 2, gpu: 0.25}")
+    for key in raw:
+        if key not in ("cpu", "gpu"):
+            raise ConfigError(f"resources.{key}", "unknown key; resources takes cpu and gpu")
+    cpu = _number("resources.cpu", raw.get("cpu", 1), low=0, open_low=True)
+    gpu = _number("resources.gpu", raw.get("gpu", 0), low=0)
+    if gpu > 1 and gpu != int(gpu):
+        raise ConfigError("resources.gpu", "a trial takes a fraction of one GPU or whole GPUs")
+    return Resources(cpu=cpu, gpu=gpu)
+
+
+def _scheduler(raw: Any) -> Scheduler:
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    if not isinstance(raw, dict):
+        raise ConfigError("scheduler", "expected fifo, asha or a mapping with a name")
+    allowed = {f.name for f in dataclasses.fields(Scheduler)}
+    for key in raw:
+        if key not in allowed:
+            raise ConfigError(f"scheduler.{key}", f"unknown key{_close(key, allowed)}")
+    name = check_value("scheduler.name", raw.get("name", "fifo"), str, {"choices": SCHEDULERS})
+    return Scheduler(
+        name=name,
+        grace_period=check_value(
+            "scheduler.grace_period", raw.get("grace_period", 1), int, {"low": 1}
+        ),
+        reduction_factor=_number(
+            "scheduler.reduction_factor", raw.get("reduction_factor", 3), low=1, open_low=True
+        ),
+    )
+
+
+def _search(raw: Any) -> Search:
+    if isinstance(raw, str):
+        raw = {"algorithm": raw}
+    if not isinstance(raw, dict):
+        raise ConfigError("search", "expected grid, optuna or a mapping with an algorithm")
+    allowed = ("algorithm", "samples", "space", "seed")
+    for key in raw:
+        if key not in allowed:
+            raise ConfigError(f"search.{key}", f"unknown key{_close(key, allowed)}")
+    algorithm = check_value(
+        "search.algorithm", raw.get("algorithm", "grid"), str, {"choices": SEARCH_ALGORITHMS}
+    )
+    ranges = _ranges(raw.get("space") or {})
+    if algorithm == "optuna" and not ranges:
+        raise ConfigError(
+            "search.space", "optuna needs ranges, e.g. lr: {loguniform: [0.001, 0.1]}"
+        )
+    if algorithm == "grid" and ranges:
+        raise ConfigError("search.space", "ranges need search algorithm optuna")
+    return Search(
+        algorithm=algorithm,
+        samples=check_value("search.samples", raw.get("samples", 1), int, {"low": 1}),
+        ranges=ranges,
+        seed=check_value("search.seed", raw.get("seed", 0), int, {"low": 0}),
+    )
+
+
+def _ranges(raw: Any) -> dict[str, Range]:
+    if not isinstance(raw, dict):
+        raise ConfigError("search.space", "expected a mapping of key: {kind: [args]}")
+    ranges = {}
+    for key, spec in raw.items():
+        where = f"search.space.{key}"
+        if key not in KEYS:
+            raise ConfigError(where, f"unknown key{_close(key, KEYS)}")
+        if not isinstance(spec, dict) or len(spec) != 1:
+            raise ConfigError(where, f"expected one of {', '.join(RANGE_KINDS)}: [args]")
+        [(kind, args)] = spec.items()
+        if kind not in RANGE_KINDS:
+            raise ConfigError(where, f"expected one of {', '.join(RANGE_KINDS)}, got '{kind}'")
+        if not isinstance(args, list) or (kind != "choice" and len(args) != 2):
+            raise ConfigError(
+                where, f"{kind} takes [low, high]" if kind != "choice" else "choice takes a list"
+            )
+        args = [check_value(where, a, _hint(key), _rules(key)) for a in args]
+        if kind != "choice" and not args[0] < args[1]:
+            raise ConfigError(where, "expected low < high")
+        if kind == "loguniform" and args[0] <= 0:
+            raise ConfigError(where, "loguniform needs low > 0")
+        ranges[key] = Range(kind, tuple(args))
+    return ranges
+
+
+def _number(key: str, value: Any, low: float, open_low: bool = False) -> float:
+    return check_value(key, value, float, {"low": low, "open_low": open_low})
+
+
+def _close(word: str, candidates: Sequence[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, list(candidates), n=3, cutoff=0.6)
+    return f"; did you mean {', '.join(close)}?" if close else ""
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+# ----------------------------------------------------------------------------- to Ray Tune
+
+
+def groups(space: Space) -> list[list[Trial]]:
+    """Trials packed into Ray trials: one each, or with `group_students`, every trial that
+    differs from another only in student-side keys in one group sharing the teacher's pass."""
+    if not space.group_students:
+        return [[t] for t in space.trials]
+
+    packed: dict[str, list[Trial]] = {}
+    for trial in space.trials:
+        values = trial.config.to_dict()
+        key = json.dumps({k: values[k] for k in SHARED_KEYS}, sort_keys=True, default=str)
+        packed.setdefault(key, []).append(trial)
+    return list(packed.values())
+
+
+def member_params(trial: Trial) -> dict[str, Any]:
+    return {"index": trial.index, "axes": trial.axes, "config": trial.config.to_dict()}
+
+
+def param_space(space: Space) -> dict[str, Any]:
+    """Tune's view of the plan: a grid over packed trials, each axis shown as a column of its own;
+    or the ranges Optuna samples."""
+    from ray import tune
+
+    if space.search.algorithm == "optuna":
+        return {key: _domain(r) for key, r in space.search.ranges.items()}
+    packed = groups(space)
+    params: dict[str, Any] = {"index": tune.grid_search(list(range(len(packed))))}
+    if space.group_students:
+        params["students"] = tune.sample_from(_PlannedValue([len(g) for g in packed]))
+    for axis in space.axes:
+        values = [{t.axes.get(axis) for t in group} for group in packed]
+        if all(len(v) == 1 for v in values):
+            params[axis] = tune.sample_from(_PlannedValue([v.pop() for v in values]))
+    return params
+
+
+class _PlannedValue:
+    """A plan column for Tune: the value of one axis in the trial whose index was drawn."""
+
+    def __init__(self, values: list[Any]):
+        self.values = values
+
+    def __call__(self, spec: Any) -> Any:
+        return self.values[spec.config.index]
+
+
+def _domain(r: Range) -> Any:
+    from ray import tune
+
+    make = {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}
+    return tune.choice(list(r.args)) if r.kind == "choice" else make[r.kind](*r.args)
+
+
+def tune_config(space: Space, max_concurrent: int | None) -> Any:
+    """Metric, scheduler, search algorithm and trial names of the sweep."""
+    from ray import tune
+
+    scheduler = search_alg = None
+    if space.scheduler.name == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        epochs = max(t.config.epochs for t in space.trials) if space.trials else 240
+        scheduler = ASHAScheduler(
+            time_attr="epoch",
+            max_t=space.base.get("epochs", epochs),
+            grace_period=space.scheduler.grace_period,
+            reduction_factor=space.scheduler.reduction_factor,
+        )
+    if space.search.algorithm == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=space.search.seed)
+    return tune.TuneConfig(
+        metric=space.metric,
+        mode="max",
+        scheduler=scheduler,
+        search_alg=search_alg,
+        num_samples=space.search.samples if space.search.algorithm == "optuna" else 1,
+        max_concurrent_trials=max_concurrent,
+        trial_name_creator=trial_name,
+        trial_dirname_creator=trial_name,
+    )
+
+
+def trial_name(trial: Any) -> str:
+    """`trial_0007` for planned trial 7, `group_0002` for a packed group, the id when sampled."""
+    if "index" not in trial.config:
+        return f"trial_{trial.trial_id}"
+    kind = "group" if "students" in trial.config else "trial"
+    return f"{kind}_{trial.config['index']:04d}"
