@@ -1,0 +1,554 @@
+"""Tests for tune_kd.analysis: Tune folders -> trials and epochs frames -> summary, files, plots."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import shutil
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pyarrow as pa
+import pytest
+from nbclient import NotebookClient
+
+from tune_kd import analysis
+
+EPOCHS = 4
+GPU = 0.5
+SECONDS_PER_EPOCH = 900.0  # a lone trial: 4 epochs = 1 h = 0.5 GPU-hours
+GROUP_SECONDS_PER_EPOCH = 1200.0  # the group: 4 epochs = 4800 s = 2/3 GPU-hours for two students
+TEACHER = "resnet32x4"
+STUDENT = "MobileNetV2_1_0"
+NOTEBOOK = Path(__file__).parents[1] / "analysis" / "sweep_report.ipynb"
+REAL_RAY_FOLDER = Path("/tmp/res/q1")
+
+# ----------------------------------------------------------------------------- building folders
+
+
+def engine_row(epoch: int, acc: float, best: float, diverged: bool = False) -> dict:
+    """What the trainable reports for one student and epoch."""
+    return {
+        "epoch": epoch,
+        "lr": 0.01,
+        "train_loss": 1.5,
+        "train_acc": acc + 5,
+        "test_loss": 3.0 - acc / 50,
+        "test_acc": acc,
+        "test_acc_top5": acc + 20,
+        "best_test_acc": best,
+        "dropped_samples": 0,
+        "epoch_seconds": 10.0,
+        "images_per_second": 5000.0,
+        "teacher_test_acc": 79.0,
+        "diverged": diverged,
+    }
+
+
+def engine_rows(accuracies: list[float], diverged_at: int | None = None) -> list[dict]:
+    rows, best = [], 0.0
+    for epoch, acc in enumerate(accuracies, 1):
+        diverged = epoch == diverged_at
+        best = best if diverged else max(best, acc)
+        rows.append(engine_row(epoch, acc, best, diverged))
+    return rows
+
+
+def curve(base: float, epochs: int = EPOCHS) -> list[float]:
+    """Best at epoch 2 (`base`), last `base - 0.5`."""
+    return [base - 3, base, base - 1, base - 0.5][:epochs]
+
+
+def tune_line(metrics: dict, position: int, seconds: float) -> dict:
+    """A result.json line as Tune writes it: the reported metrics plus Tune's own keys."""
+    epoch = metrics["epoch"]
+    return {
+        **metrics,
+        "timestamp": 1795732046 + epoch,
+        "checkpoint_dir_name": f"checkpoint_{epoch - 1:06d}",
+        "should_checkpoint": True,
+        "done": False,
+        "training_iteration": epoch,
+        "trial_id": f"8a64b_{position:05d}",
+        "date": "2026-11-26_22-27-26",
+        "time_this_iter_s": seconds,
+        "time_total_s": seconds * epoch,
+        "pid": 10170,
+        "hostname": "node",
+        "node_ip": "10.0.0.2",
+        "config": {"index": position},
+        "time_since_restore": seconds * epoch,
+        "iterations_since_restore": epoch,
+    }
+
+
+def group_line(members: dict[int, dict], position: int, seconds: float) -> dict:
+    rows = list(members.values())
+    top = {key: max(r[key] for r in rows) for key in ("test_acc", "best_test_acc", "test_acc_top5")}
+    metrics = {"epoch": rows[0]["epoch"], **top, "members": {str(i): r for i, r in members.items()}}
+    return tune_line(metrics, position, seconds)
+
+
+def write_lines(folder: Path, lines: list[dict], cut_last: bool = False) -> None:
+    text = "".join(json.dumps(line) + "\n" for line in lines)
+    if cut_last:
+        text = text[: -len(json.dumps(lines[-1])) // 2]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "result.json").write_text(text)
+
+
+def write_params(folder: Path, params: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "params.json").write_text(json.dumps(params))
+
+
+def plan_trial(index: int, axes: dict, projector: str = "multi") -> dict:
+    labels = {
+        "teacher": TEACHER,
+        "student": STUDENT,
+        "method": "simkd",
+        "loss": axes["loss"],
+        "projector": projector,
+        "lr": axes["lr"],
+        "seed": axes["seed"],
+    }
+    config = {
+        **labels,
+        "projector_design": "1x1-3x3-1x1",
+        "teacher_correct_only": False,
+        "epochs": EPOCHS,
+    }
+    return {"index": index, "axes": axes, "labels": labels, "config": config}
+
+
+def write_plan(root: Path, trials: list[dict], groups: list[list[int]], **extra) -> None:
+    plan = {
+        "name": "test-sweep",
+        "resources": {"cpu": 2.0, "gpu": GPU},
+        "space_file": "search_spaces/test.yaml",
+        "space_text": "",
+        "overrides": {},
+        "planned": len(trials),
+        "axes": ["loss", "lr", "seed"],
+        "groups": groups,
+        "metric": "best_test_acc",
+        "trials": trials,
+        **extra,
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    (root / analysis.PLAN_FILE).write_text(json.dumps(plan, indent=1))
+
+
+GRID = [(loss, lr, seed) for loss in ("l2", "kl") for lr in (0.01, 0.05) for seed in (0, 1, 2)]
+GROUPS = [[0], [1], [2, 5], [3], [4], [6], [7], [8], [9], [10], [11]]  # position 2: two students
+BASES = {0: 70, 1: 71, 2: 72, 3: 74, 5: 76, 6: 60, 9: 65, 11: 67}  # completed: best accuracy
+
+
+def build_experiment(root: Path) -> Path:
+    """12 planned trials (loss x lr x seed), packed into 11 Ray trials; one group of two students
+    (plan 2 and 5); plan 4 diverges, 7 errors, 8 never starts, 10's last line is cut mid-write."""
+    trials = [
+        plan_trial(i, {"loss": lo, "lr": lr, "seed": s}) for i, (lo, lr, s) in enumerate(GRID)
+    ]
+    write_plan(root, trials, GROUPS)
+    for position, members in enumerate(GROUPS):
+        folder = root / f"group_{position:04d}"
+        if members == [8]:
+            continue
+        write_params(folder, {"index": position, "students": len(members)})
+        if len(members) == 2:
+            rows = {i: engine_rows(curve(BASES[i])) for i in members}
+            lines = [
+                group_line({i: rows[i][e] for i in members}, position, GROUP_SECONDS_PER_EPOCH)
+                for e in range(EPOCHS)
+            ]
+            write_lines(folder, lines)
+            continue
+        index = members[0]
+        if index == 4:
+            rows = engine_rows([40.0, 1.0], diverged_at=2)
+        elif index == 7:
+            rows = engine_rows(curve(62, epochs=2))
+            (folder / "error.txt").write_text("RuntimeError: CUDA out of memory")
+        elif index == 10:
+            rows = engine_rows(curve(66))
+        else:
+            rows = engine_rows(curve(BASES[index]))
+        lines = [tune_line(row, position, SECONDS_PER_EPOCH) for row in rows]
+        write_lines(folder, lines, cut_last=index == 10)
+    return root
+
+
+@pytest.fixture(scope="module")
+def experiment_dir(tmp_path_factory) -> Path:
+    return build_experiment(tmp_path_factory.mktemp("exp") / "test-sweep")
+
+
+@pytest.fixture(scope="module")
+def experiment(experiment_dir) -> analysis.Experiment:
+    return analysis.load_experiment(str(experiment_dir))
+
+
+@pytest.fixture(scope="module")
+def cli_run(experiment_dir) -> tuple[int, str]:
+    """The command line run once over the experiment: its exit code and printed summary."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = analysis.main([str(experiment_dir)])
+    return code, printed.getvalue()
+
+
+def cell(summary: pd.DataFrame, loss: str, lr: float) -> pd.Series:
+    rows = summary[(summary["loss"] == loss) & (summary["lr"] == lr)]
+    assert len(rows) == 1
+    return rows.iloc[0]
+
+
+def trial(trials: pd.DataFrame, index: int) -> pd.Series:
+    return trials.set_index("trial_id").loc[f"trial_{index:04d}"]
+
+
+# ----------------------------------------------------------------------------- trials and epochs
+
+
+def test_every_planned_trial_has_a_row_with_its_status(experiment):
+    trials = experiment.trials
+    assert list(trials["trial_id"]) == [f"trial_{i:04d}" for i in range(12)]
+    statuses = dict(zip(trials["trial_id"], trials["status"]))
+    assert statuses == {
+        **{f"trial_{i:04d}": "completed" for i in BASES},
+        "trial_0004": "diverged",
+        "trial_0007": "error",
+        "trial_0008": "pending",
+        "trial_0010": "running",
+    }
+
+
+def test_trial_results_best_final_epochs_and_cost(experiment):
+    lone = trial(experiment.trials, 3)
+    assert (lone["best_test_acc"], lone["best_epoch"]) == (74.0, 2)
+    assert (lone["final_test_acc"], lone["final_test_acc_top5"]) == (73.5, 93.5)
+    assert (lone["epochs_done"], lone["epochs_planned"]) == (4, 4)
+    assert lone["wall_seconds"] == 3600.0
+    assert lone["gpu_hours"] == pytest.approx(0.5)
+    assert lone["teacher_test_acc"] == 79.0
+    assert (lone["loss"], lone["lr"], lone["seed"]) == ("l2", 0.05, 0)
+    diverged = trial(experiment.trials, 4)
+    assert (diverged["best_test_acc"], diverged["final_test_acc"]) == (40.0, 1.0)
+    pending = trial(experiment.trials, 8)
+    assert pending["epochs_done"] == 0 and math.isnan(pending["gpu_hours"])
+
+
+def test_group_members_are_rows_like_separate_trials(experiment):
+    first, second = trial(experiment.trials, 2), trial(experiment.trials, 5)
+    assert (first["status"], second["status"]) == ("completed", "completed")
+    assert (first["best_test_acc"], second["best_test_acc"]) == (72.0, 76.0)
+    assert (first["lr"], second["lr"]) == (0.01, 0.05)
+    assert first["wall_seconds"] == second["wall_seconds"] == 4 * GROUP_SECONDS_PER_EPOCH
+    group_hours = 4 * GROUP_SECONDS_PER_EPOCH * GPU / 3600
+    assert first["gpu_hours"] == pytest.approx(group_hours / 2)
+    member_epochs = experiment.epochs[experiment.epochs["trial_id"] == "trial_0005"]
+    lone_epochs = experiment.epochs[experiment.epochs["trial_id"] == "trial_0003"]
+    assert list(member_epochs["test_acc"]) == curve(76)
+    assert member_epochs.notna().sum().to_dict() == lone_epochs.notna().sum().to_dict()
+
+
+def test_corrupt_result_line_is_reported_and_the_rest_read(experiment):
+    assert any("group_0009/result.json" in p and "line 4" in p for p in experiment.problems)
+    running = trial(experiment.trials, 10)
+    assert running["epochs_done"] == 3 and running["best_test_acc"] == 66.0
+
+
+def test_corrupt_line_prints_a_warning(experiment_dir, caplog):
+    with caplog.at_level("WARNING", logger="tune_kd.analysis"):
+        analysis.load_experiment(str(experiment_dir))
+    assert "group_0009/result.json" in caplog.text
+
+
+def test_parquet_schemas(cli_run, experiment_dir):
+    results = experiment_dir / "results"
+    trials = pd.read_parquet(results / "trials.parquet")
+    assert list(trials.columns) == [
+        "trial_id",
+        "status",
+        "teacher",
+        "student",
+        "method",
+        "loss",
+        "projector",
+        "lr",
+        "seed",
+        "projector_design",
+        "teacher_correct_only",
+        *analysis.TRIAL_RESULTS,
+    ]
+    dtypes = trials.dtypes.astype(str).to_dict()
+    assert {k: dtypes[k] for k in analysis.TRIAL_RESULTS} == analysis.TRIAL_RESULTS
+    assert (dtypes["lr"], dtypes["seed"], dtypes["teacher_correct_only"]) == (
+        "float64",
+        "Int64",
+        "boolean",
+    )
+    assert all(pd.api.types.is_string_dtype(trials[k]) for k in ("trial_id", "status", "loss"))
+    epochs = pd.read_parquet(results / "epochs.parquet")
+    assert set(engine_row(1, 0, 0)) | {"trial_id", "time_total_s"} == set(epochs.columns)
+    assert (epochs["epoch"].dtype, epochs["diverged"].dtype) == ("int64", "bool")
+    assert epochs["test_acc"].dtype == "float64"
+    assert len(epochs) == 8 * EPOCHS + 2 + 2 + 3  # completed, diverged, errored, cut
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def test_summary_per_cell(experiment):
+    summary = analysis.summarize(experiment.trials)
+    assert len(summary) == 4
+    full = cell(summary, "l2", 0.01)
+    assert (full["mean"], full["std"], full["n"], full["n_planned"]) == (71.0, 1.0, 3, 3)
+    assert not full["incomplete"]
+    assert full["gpu_hours"] == pytest.approx((0.5 + 0.5 + 1 / 3) / 3)
+    with_diverged = cell(summary, "l2", 0.05)
+    assert with_diverged["mean"] == 75.0
+    assert with_diverged["std"] == pytest.approx(math.sqrt(2))
+    assert (with_diverged["n"], with_diverged["diverged"]) == (2, 1)
+    assert with_diverged["incomplete"]
+    single = cell(summary, "kl", 0.01)
+    assert (single["n"], single["error"], single["pending"]) == (1, 1, 1)
+    assert math.isnan(single["std"])
+    assert cell(summary, "kl", 0.05)["running"] == 1
+    assert list(summary["best"]) == [False, True, False, False]
+    assert (summary["teacher_acc"] == 79.0).all()
+    assert "seed" not in summary.columns
+
+
+def test_last_metric_uses_the_final_epoch(experiment):
+    best = cell(analysis.summarize(experiment.trials, "best"), "l2", 0.01)
+    last = cell(analysis.summarize(experiment.trials, "last"), "l2", 0.01)
+    assert (best["mean"], last["mean"]) == (71.0, 70.5)
+
+
+def test_published_numbers_stand_in_the_matching_rows(experiment):
+    summary = analysis.summarize(experiment.trials)
+    multi_l2 = cell(summary, "l2", 0.01)
+    assert (multi_l2["published_mean"], multi_l2["published_std"]) == (75.52, 0.18)
+    assert multi_l2["published_source"] == "study multiple projectors"
+    assert multi_l2["published_teacher"] == 79.42
+    assert (multi_l2["baseline_mean"], multi_l2["baseline_std"]) == (75.43, 0.26)
+    assert cell(summary, "kl", 0.01)["published_mean"] == 66.88
+    assert pd.isna(cell(summary, "kl", 0.05)["published_mean"])
+
+
+def test_published_match_prefers_the_most_specific_row():
+    rows = analysis.published_numbers().to_dict("records")
+    base = {"teacher": "resnet32x4", "student": "resnet8x4", "method": "simkd", "loss": "l2"}
+    design = analysis.most_specific(base | {"projector": "single", "projector_design": "1x1"}, rows)
+    assert (design["table"], design["mean"]) == ("Table 5", 75.15)
+    plain = analysis.most_specific(base | {"projector": "single", "lr": 0.05}, rows)
+    assert (plain["table"], plain["mean"]) == ("Table 1", 78.08)
+    baseline = {"teacher": None, "student": "ShuffleV2", "method": "student", "loss": None}
+    assert analysis.most_specific(baseline, rows)["mean"] == 72.60
+    cosine = base | {"teacher": "resnet38x2", "loss": "cosine", "projector": "single", "lr": 0.1}
+    assert analysis.most_specific(cosine, rows)["mean"] == 75.05
+
+
+def test_published_table_holds_the_seed_numbers():
+    published = analysis.published_numbers()
+    labels = published[(published["table"] == "using labels") & (published["lr"] == 0.001)]
+    assert labels.iloc[0]["mean"] == 18.36 and pd.isna(labels.iloc[0]["std"])
+    assert labels.iloc[0]["teacher_correct_only"]
+    simkd = published[(published["method"] == "simkd") & (published["student"] == STUDENT)]
+    assert (simkd.iloc[0]["mean"], simkd.iloc[0]["std"], simkd.iloc[0]["n"]) == (75.43, 0.26, 4)
+    designs = published.loc[published["table"] == "Table 5", "projector_design"]
+    assert list(designs) == ["1x1", "1x1-1x1", "1x1-dw3x3-1x1", "1x1-3x3-1x1"]
+    assert set(published["method"]) == {"student", "kd", "simkd", "teacher"}
+
+
+def test_format_accuracy():
+    assert analysis.format_accuracy(75.434, 0.256, 3) == "75.43 ± 0.26"
+    assert analysis.format_accuracy(18.36, float("nan"), 1) == "18.36 ± n/a (n=1)"
+    assert analysis.format_accuracy(float("nan"), float("nan"), 0) == "—"
+
+
+def test_terminal_summary(cli_run):
+    code, printed = cli_run
+    assert code == 0
+    assert "60.00 ± n/a (n=1)" in printed and "nan" not in printed
+    assert "75.00 ± 1.41 ★" in printed
+    assert "2/3 †" in printed and "3/3 †" not in printed
+    assert "1 diverged" in printed
+    assert "trials: 12 planned: 8 completed, 1 diverged, 1 error, 1 running, 1 pending" in printed
+    assert "75.52 ± 0.18 (study multiple projectors)" in printed
+    assert "in every cell: projector_design=1x1-3x3-1x1, teacher_correct_only=False" in printed
+    assert "summary.md" in printed.splitlines()[-1]
+
+
+def test_cell_without_finished_trials_shows_a_dash(experiment):
+    trials = experiment.trials.copy()
+    trials.loc[trials["loss"] == "kl", "status"] = "pending"
+    summary = analysis.summarize(trials)
+    markdown = analysis.summary_markdown(summary, "best", "t", [])
+    kl_rows = [line for line in markdown.splitlines() if "| kl |" in line]
+    assert len(kl_rows) == 2 and all("| — |" in line and "0/3 †" in line for line in kl_rows)
+
+
+def test_files_written_by_the_command_line(cli_run, experiment_dir):
+    results = experiment_dir / "results"
+    markdown = (results / "summary.md").read_text()
+    assert "75.00 ± 1.41 ★" in markdown and "group_0009/result.json" in markdown
+    csv = pd.read_csv(results / "summary.csv")
+    assert csv.loc[csv["best"], "mean"].item() == 75.0
+    assert r"75.00 $\pm$ 1.41 $\star$" in (results / "summary.tex").read_text()
+    for name in ("accuracy_vs_lr", "test_acc_curves", "test_loss_curves", "top5_vs_lr"):
+        assert (results / f"{name}.png").read_bytes().startswith(b"\x89PNG")
+        assert b"<svg" in (results / f"{name}.svg").read_bytes()
+    assert (results / "accuracy_vs_gpu_hours.png").exists()
+
+
+def test_out_option_and_metric(experiment_dir, tmp_path):
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = analysis.main([str(experiment_dir), "--out", str(tmp_path), "--metric", "last"])
+    assert code == 0 and "final-epoch test accuracy" in printed.getvalue()
+    assert pd.read_csv(tmp_path / "summary.csv")["mean"].max() == (73.5 + 75.5) / 2
+
+
+@pytest.mark.parametrize("make", ["missing", "no plan"])
+def test_bad_folder_exits_2_with_one_line(tmp_path, capsys, make):
+    folder = tmp_path / "experiment"
+    if make == "no plan":
+        (folder / "trial_0000").mkdir(parents=True)
+    assert analysis.main([str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def test_plots_return_figures_with_labels(experiment):
+    fig = analysis.plot_accuracy_vs_lr(experiment.trials)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and "learning rate" in ax.get_xlabel()
+    labels = ax.get_legend_handles_labels()[1]
+    assert "loss=l2" in labels and "loss=kl" in labels
+    assert any("teacher resnet32x4 (measured): 79.00" in label for label in labels)
+    assert any("paper SimKD" in label and "75.43" in label for label in labels)
+    curves = analysis.plot_curves(experiment.epochs, experiment.trials, "test_loss")
+    assert [a.get_title() for a in curves.axes] == ["loss=l2", "loss=kl"]
+    assert curves.axes[0].get_legend_handles_labels()[1] == ["lr=0.01", "lr=0.05"]
+
+
+def test_plots_without_their_data_are_skipped(experiment):
+    one_lr = experiment.trials[experiment.trials["lr"] == 0.01]
+    assert analysis.plot_accuracy_vs_lr(one_lr) is None
+    assert analysis.plot_top5_vs_lr(one_lr) is None
+    no_gpu = experiment.trials.assign(gpu_hours=0.0)
+    assert analysis.plot_accuracy_vs_gpu_hours(no_gpu) is None
+    assert analysis.plot_curves(experiment.epochs.iloc[:0], experiment.trials) is None
+
+
+# ----------------------------------------------------------------------------- other layouts
+
+
+def test_runner_state_decides_statuses(tmp_path):
+    """TERMINATED early (an ASHA stop) is completed; ERROR is an error even with results; a
+    PENDING entry without a folder is pending."""
+    root = tmp_path / "state"
+    trials = [plan_trial(i, {"loss": "l2", "lr": 0.01, "seed": i}) for i in range(3)]
+    write_plan(root, trials, [[0], [1], [2]])
+    for position in (0, 1):
+        rows = engine_rows(curve(70, epochs=2))
+        write_lines(root / f"trial_{position:04d}", [tune_line(r, position, 60) for r in rows])
+    states = {"trial_0000": "TERMINATED", "trial_0001": "ERROR", "trial_0002": "PENDING"}
+    entries = [
+        [json.dumps({"trial_id": f"x_{i}", "status": s, "relative_logdir": name}), "{}"]
+        for i, (name, s) in enumerate(states.items())
+    ]
+    (root / "experiment_state-2026-01-01_00-00-00.json").write_text("{}")
+    (root / "experiment_state-2026-01-02_00-00-00.json").write_text(
+        json.dumps({"trial_data": entries})
+    )
+    trials = analysis.load_experiment(str(root)).trials
+    assert list(trials["status"]) == ["completed", "error", "pending"]
+
+
+def test_group_student_that_diverged_leaves_the_later_lines(tmp_path):
+    root = tmp_path / "group"
+    write_plan(
+        root,
+        [plan_trial(i, {"loss": "l2", "lr": lr, "seed": 0}) for i, lr in enumerate((0.01, 0.5))],
+        [[0, 1]],
+    )
+    steady, diverging = engine_rows(curve(70)), engine_rows([30.0, 2.0], diverged_at=2)
+    lines = [
+        group_line({0: row, 1: diverging[e]} if e < 2 else {0: row}, 0, 60)
+        for e, row in enumerate(steady)
+    ]
+    write_lines(root / "group_0000", lines)
+    experiment = analysis.load_experiment(str(root))
+    assert list(experiment.trials["status"]) == ["completed", "diverged"]
+    assert list(experiment.trials["epochs_done"]) == [4, 2]
+    assert list(experiment.trials["wall_seconds"]) == [240.0, 240.0]
+
+
+def test_folder_outside_the_plan_is_reported(experiment_dir, tmp_path):
+    root = shutil.copytree(
+        experiment_dir, tmp_path / "copy", ignore=shutil.ignore_patterns("results")
+    )
+    (root / "trial_0099").mkdir()
+    experiment = analysis.load_experiment(str(root))
+    assert "trial_0099 matches no planned trial: ignored" in experiment.problems
+    assert len(experiment.trials) == 12
+
+
+def test_an_epoch_reported_twice_keeps_its_last_report():
+    metrics = pa.table({"epoch": [1, 2, 3, 2, 3, 4], "test_acc": [1.0, 2, 3, 20, 30, 40]})
+    kept = analysis.latest_per_epoch(metrics)
+    assert kept.column("epoch").to_pylist() == [1, 2, 3, 4]
+    assert kept.column("test_acc").to_pylist() == [1.0, 20, 30, 40]
+
+
+def test_optuna_samples_are_found_in_the_folders(tmp_path):
+    root = tmp_path / "optuna"
+    base = {"teacher": "resnet38x2", "student": "resnet8x4", "method": "simkd", "epochs": 4}
+    labels = {
+        "teacher": "resnet38x2",
+        "student": "resnet8x4",
+        "method": "simkd",
+        "loss": None,
+        "projector": None,
+        "lr": None,
+        "seed": None,
+    }
+    write_plan(root, [], [], planned=3, base=base, base_labels=labels, axes=[])
+    for name, lr in (("trial_ab12_00000", 0.02), ("trial_ab12_00001", 0.07)):
+        write_params(root / name, {"lr": lr, "weight_decay": 5e-4})
+        write_lines(root / name, [tune_line(r, 0, 60) for r in engine_rows(curve(70))])
+    trials = analysis.load_experiment(str(root)).trials
+    assert list(trials["status"]) == ["completed", "completed", "pending"]
+    assert list(trials["lr"].iloc[:2]) == [0.02, 0.07]
+    assert (trials["teacher"].iloc[0], trials["weight_decay"].iloc[0]) == ("resnet38x2", 5e-4)
+    assert len(analysis.summarize(trials)) == 3
+
+
+def test_reads_a_storage_uri(experiment_dir):
+    uri = analysis.load_experiment(f"file://{experiment_dir}")
+    assert uri.location.startswith("file://") and len(uri.trials) == 12
+
+
+# ----------------------------------------------------------------------------- notebook
+
+
+def test_notebook_runs_against_an_experiment(experiment_dir, monkeypatch):
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    assert all(not c.get("outputs") for c in notebook.cells if c.cell_type == "code")
+    monkeypatch.setenv("TUNE_KD_EXPERIMENT", str(experiment_dir))
+    NotebookClient(notebook, timeout=120, kernel_name="python3").execute()
+    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
+    text = "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in outputs)
+    assert "75.00 ± 1.41 ★" in text
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) == len(analysis.figures(analysis.load_experiment(str(experiment_dir))))
