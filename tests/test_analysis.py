@@ -24,7 +24,6 @@ GROUP_SECONDS_PER_EPOCH = 1200.0  # the group: 4 epochs = 4800 s = 2/3 GPU-hours
 TEACHER = "resnet32x4"
 STUDENT = "MobileNetV2_1_0"
 NOTEBOOK = Path(__file__).parents[1] / "analysis" / "sweep_report.ipynb"
-REAL_RAY_FOLDER = Path("/tmp/res/q1")
 
 # ----------------------------------------------------------------------------- building folders
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import types
 import typing
@@ -176,6 +177,16 @@ class Config:
         config = cls(**checked)
         config.check_consistency()
         return config
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of the dataset, known without loading it."""
+        return {"cifar100": 100, "cifar10": 10}.get(self.dataset, self.synthetic_classes)
+
+    @property
+    def data_key(self) -> str:
+        """Names the data a run uses: runs with equal keys can share one loaded copy."""
+        return json.dumps({key: getattr(self, key) for key in DATA_KEYS}, sort_keys=True)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -62,7 +62,7 @@ def _step_flops(
 def step_flops(config: Config) -> float:
     """FLOPs per training image: the teacher's forward and the student's forward and backward,
     projectors included (counted with torch's FLOP counter on a CPU forward of two images)."""
-    classes = {"cifar100": 100, "cifar10": 10}.get(config.dataset, config.synthetic_classes)
+    classes = config.num_classes
     teacher = config.teacher if config.method != "student" else None
     return _step_flops(
         teacher,

@@ -51,8 +51,8 @@ def with_teacher_paths(space: Space, storage: Storage) -> Space:
     for trial in space.trials:
         config = trial.config
         if config.method != "student" and config.teacher_checkpoint is None:
-            need = next(n for n in space.teachers if n.recipe and n.arch == config.teacher)
-            path = storage.uri_of(*teacher_parts(need))
+            recipe = spaces.teacher_recipe(config, space.teacher_train or {})
+            path = storage.uri_of(*teacher_parts(TeacherNeed(config.teacher, recipe=recipe)))
             config = dataclasses.replace(config, teacher_checkpoint=path)
         trials.append(dataclasses.replace(trial, config=config))
     return dataclasses.replace(space, trials=trials)
@@ -91,6 +91,7 @@ def train_missing_teachers(space: Space, storage: Storage, launcher: Launcher) -
         space,
         name="teachers",
         trials=trials,
+        axes=["student"],
         teachers=[],
         search=spaces.Search(),
         scheduler=spaces.Scheduler(),
@@ -116,7 +117,7 @@ class Launcher:
     def __init__(
         self,
         storage: Storage,
-        data: datasets.Arrays,
+        data: Mapping[str, datasets.Arrays],
         resources: spaces.Resources,
         max_concurrent: int | None,
         max_failures: int,
@@ -135,7 +136,7 @@ class Launcher:
         bound = tune.with_parameters(
             train_trial,
             plan=[[spaces.member_params(t) for t in group] for group in spaces.groups(space)],
-            base=space.base,
+            base=sampling_base(space),
             data=self.data,
             teachers=teachers,
             threads=max(1, int(self.resources.cpu)),
@@ -270,11 +271,18 @@ def describe_plan(space: Space) -> str:
 
 
 def plan_gpu_hours(space: Space) -> float:
+    """Every planned trial's estimate (an Optuna search: its samples at the base's cost), and the
+    teachers trained first."""
     hours = sum(cost.gpu_hours(t.config) for t in space.trials)
     if space.search.algorithm == "optuna":
-        sampled = spaces.Trial(0, {}, spaces.Config.from_dict(space.base))
-        hours = space.search.samples * cost.gpu_hours(sampled.config)
+        hours *= space.search.samples
     return hours + sum(cost.gpu_hours(n.recipe) for n in space.teachers if n.recipe)
+
+
+def sampling_base(space: Space) -> dict[str, Any]:
+    """The configuration Optuna's sampled values complete (with its teacher's checkpoint), or
+    nothing for a grid, whose trials are planned in full."""
+    return space.trials[0].config.to_dict() if space.search.algorithm == "optuna" else {}
 
 
 def write_plan(
@@ -294,13 +302,14 @@ def write_plan(
         "overrides": dict(overrides),
         "planned": space.planned,
         "axes": space.axes,
-        "base": space.base,
-        "base_labels": {key: space.base.get(key) for key in spaces.LABELS},
+        "base": sampling_base(space),
+        "base_labels": space.trials[0].labels if space.search.algorithm == "optuna" else {},
         "groups": [[t.index for t in group] for group in spaces.groups(space)],
         "metric": space.metric,
         "trials": [
             {"index": t.index, "axes": t.axes, "labels": t.labels, "config": t.config.to_dict()}
             for t in space.trials
+            if space.search.algorithm == "grid"  # Optuna's trials are sampled as it runs
         ],
     }
     storage.write(json.dumps(plan, indent=1, default=str).encode(), name, PLAN_FILE)
@@ -382,6 +391,14 @@ def prepare(args: argparse.Namespace) -> tuple[Space, Storage, str, str, dict[st
     return space, storage, name, space_text, overrides
 
 
+def load_datasets(space: Space) -> dict[str, datasets.Arrays]:
+    """Every dataset the plan trains on, loaded once here, keyed by `Config.data_key`."""
+    from tune_kd.train import load_data
+
+    unique = {t.config.data_key: t.config for t in space.trials}
+    return {key: load_data(config) for key, config in unique.items()}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
@@ -389,10 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             print(describe_plan(space))
             return 0
-        first = space.trials[0].config if space.trials else spaces.Config.from_dict(space.base)
-        from tune_kd.train import load_data
-
-        data = load_data(first)
+        data = load_datasets(space)
     except (SpaceError, ConfigError, datasets.DatasetUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -148,6 +148,7 @@ class Space:
     trials: list[Trial]
     axes: list[str]
     teachers: list[TeacherNeed]
+    teacher_train: dict[str, Any] | None
     resources: Resources
     scheduler: Scheduler
     search: Search
@@ -168,6 +169,8 @@ class Space:
 
     @property
     def planned(self) -> int:
+        """Trials the sweep runs: the grid's, or Optuna's samples (`trials` then holds the one
+        configuration its samples complete)."""
         return self.search.samples if self.search.algorithm == "optuna" else len(self.trials)
 
 
@@ -261,6 +264,7 @@ def _parse(path: Path, raw: dict[str, Any]) -> Space:
         trials=trials,
         axes=axes,
         teachers=teachers,
+        teacher_train=raw.get("teacher_train"),
         resources=_resources(raw.get("resources", {})),
         scheduler=scheduler,
         search=search,
@@ -406,8 +410,7 @@ def _check_checkpoint(need: TeacherNeed, config: Config, key: str) -> None:
         model = models.load_checkpoint(need.checkpoint, name=need.arch)
     except ValueError as error:
         raise ConfigError(key, _first_line(error)) from None
-    classes = {"cifar100": 100, "cifar10": 10}.get(config.dataset, config.synthetic_classes)
-    out = [m for m in model.modules() if hasattr(m, "out_features")][-1].out_features
+    classes, out = config.num_classes, models.num_classes(model)
     if out != classes:
         raise ConfigError(
             key, f"{need.checkpoint} has {out} classes but {config.dataset} has {classes}"
@@ -580,10 +583,9 @@ def tune_config(space: Space, max_concurrent: int | None) -> Any:
     if space.scheduler.name == "asha":
         from ray.tune.schedulers import ASHAScheduler
 
-        epochs = max(t.config.epochs for t in space.trials) if space.trials else 240
         scheduler = ASHAScheduler(
             time_attr="epoch",
-            max_t=space.base.get("epochs", epochs),
+            max_t=max(t.config.epochs for t in space.trials),
             grace_period=space.scheduler.grace_period,
             reduction_factor=space.scheduler.reduction_factor,
         )

@@ -73,9 +73,7 @@ def build_teacher(
         raise ConfigError(
             "teacher_checkpoint", f"method '{config.method}' needs the teacher's weights"
         )
-    classes = [m for m in model.get_classifier().modules() if isinstance(m, nn.Linear)][
-        -1
-    ].out_features
+    classes = models.num_classes(model)
     if classes != num_classes:
         raise ConfigError(
             "teacher_checkpoint",

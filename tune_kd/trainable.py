@@ -42,16 +42,19 @@ def train_trial(
     *,
     plan: Sequence[Sequence[dict[str, Any]]],
     base: Mapping[str, Any],
-    data: Arrays,
+    data: Mapping[str, Arrays],
     teachers: Mapping[str, Mapping[str, np.ndarray]],
     threads: int = 1,
 ) -> None:
     """The function trainable. `plan` holds the students of each planned trial, `base` the keys
-    Optuna's samples complete, `teachers` the weights of each teacher checkpoint."""
+    Optuna's samples complete, `data` each dataset by `Config.data_key`, `teachers` the weights
+    of each teacher checkpoint."""
     torch.set_num_threads(threads)
     members = members_of(params, plan, base)
     configs = [Config.from_dict(m["config"]) for m in members]
-    run = Run(configs, data=data, teacher_state=teachers.get(configs[0].teacher_checkpoint or ""))
+    first = configs[0]
+    teacher = teachers.get(first.teacher_checkpoint or "")
+    run = Run(configs, data=data[first.data_key], teacher_state=teacher)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:

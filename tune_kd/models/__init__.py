@@ -15,6 +15,7 @@ from ._registry import (
     family,
     load_checkpoint,
     names,
+    num_classes,
     register,
 )
 
@@ -25,5 +26,6 @@ __all__ = [
     "family",
     "load_checkpoint",
     "names",
+    "num_classes",
     "register",
 ]

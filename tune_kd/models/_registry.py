@@ -27,6 +27,7 @@ __all__ = [
     "family",
     "load_checkpoint",
     "names",
+    "num_classes",
     "register",
 ]
 
@@ -71,6 +72,12 @@ def create(name: str, num_classes: int = 100) -> nn.Module:
     """Build the registered architecture ``name`` with a ``num_classes``-way classifier."""
     _check_known(name)
     return _constructors[name](num_classes=num_classes)
+
+
+def num_classes(model: nn.Module) -> int:
+    """The number of classes a model's classifier predicts."""
+    linears = [m for m in model.get_classifier().modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features
 
 
 def names(pattern: str | None = None) -> list[str]:
@@ -197,7 +204,7 @@ def _read(path: Path, map_location: Any) -> object:
         raise ValueError(f"{path} is not a PyTorch checkpoint (cannot be unpickled)") from None
     except Exception as err:
         raise ValueError(
-            f"{path} cannot be read as a PyTorch checkpoint ({type(err).__name__}: {err})"
+            f"{path} is not a PyTorch checkpoint ({type(err).__name__}: {err})"
         ) from None
 
 
