@@ -167,14 +167,7 @@ class Config:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Config:
         """Validate `values` (unknown keys, types, choices, ranges) and build a Config."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        hints = typing.get_type_hints(cls)
-        checked = {}
-        for key, value in values.items():
-            if key not in fields:
-                raise ConfigError(key, f"unknown key{_suggest(key, fields)}")
-            checked[key] = check_value(key, value, hints[key], fields[key].metadata)
-        config = cls(**checked)
+        config = cls(**{key: check_key(key, value) for key, value in values.items()})
         config.check_consistency()
         return config
 
@@ -213,6 +206,15 @@ class Config:
 
 
 KEYS = tuple(f.name for f in dataclasses.fields(Config))
+_RULES = {f.name: f.metadata for f in dataclasses.fields(Config)}
+_TYPES = typing.get_type_hints(Config)
+
+
+def check_key(key: str, value: Any, where: str | None = None) -> Any:
+    """Check a value of the configuration key `key`; errors name `where` (default: the key)."""
+    if key not in _RULES:
+        raise ConfigError(where or key, f"unknown key{suggest(key, KEYS)}")
+    return check_value(where or key, value, _TYPES[key], _RULES[key])
 
 
 def resolve(config: Config) -> Config:
@@ -257,7 +259,7 @@ def _check_scalar(key: str, value: Any, kind: type, rules: Mapping[str, Any]) ->
         choices = ", ".join(str(c) for c in rules["choices"])
         raise ConfigError(key, f"expected one of {choices}, got {value!r}")
     if rules.get("model") and value not in models.names():
-        raise ConfigError(key, f"unknown model '{value}'{_suggest(value, models.names())}")
+        raise ConfigError(key, f"unknown model '{value}'{suggest(value, models.names())}")
     low, high = rules.get("low"), rules.get("high")
     if low is not None and (value < low or (rules.get("open_low") and value == low)):
         bound = f"> {low}" if rules.get("open_low") else f">= {low}"
@@ -301,7 +303,8 @@ def _without_none(kind: Any) -> Any:
     return kind
 
 
-def _suggest(word: str, candidates: Any) -> str:
+def suggest(word: str, candidates: Any) -> str:
+    """'; did you mean a, b?' for the candidates close to `word`, else nothing."""
     close = difflib.get_close_matches(word, list(candidates), n=3, cutoff=0.6)
     return f"; did you mean {', '.join(close)}?" if close else ""
 

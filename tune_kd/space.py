@@ -24,7 +24,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,8 +39,10 @@ from tune_kd.config import (
     SHARED_KEYS,
     Config,
     ConfigError,
+    check_key,
     check_value,
     resolve,
+    suggest,
 )
 
 SCHEDULERS = ("fifo", "asha")
@@ -238,7 +240,7 @@ def _parse(path: Path, raw: dict[str, Any]) -> Space:
     config_keys = set(KEYS)
     for key in raw:
         if key not in config_keys and key not in SPACE_KEYS:
-            raise ConfigError(key, f"unknown key{_close(key, [*config_keys, *SPACE_KEYS])}")
+            raise ConfigError(key, f"unknown key{suggest(key, [*config_keys, *SPACE_KEYS])}")
     base = {k: v for k, v in raw.items() if k in config_keys}
     grids = _grids(raw)
     search = _search(raw.get("search", "grid"))
@@ -247,7 +249,7 @@ def _parse(path: Path, raw: dict[str, Any]) -> Space:
             "grid", "search 'optuna' samples its own trials: move the grid into search.space"
         )
     scheduler = _scheduler(raw.get("scheduler", "fifo"))
-    trials = _expand(base, grids, search)
+    trials = _expand(base, grids)
     axes = list(dict.fromkeys(k for t in trials for k in t.axes))
     group_students = check_value("group_students", raw.get("group_students", False), bool, {})
     if group_students and scheduler.name != "fifo":
@@ -255,7 +257,7 @@ def _parse(path: Path, raw: dict[str, Any]) -> Space:
             "group_students",
             "students trained together cannot be stopped one by one: use scheduler fifo",
         )
-    teachers = _teachers(path, raw, trials)
+    teachers = _teachers(raw, trials)
     return Space(
         path=path,
         name=check_value("name", raw.get("name", path.stem), str, {}),
@@ -288,27 +290,26 @@ def _grids(raw: dict[str, Any]) -> list[dict[str, list]]:
 def _grid(name: str, grid: Any) -> dict[str, list]:
     if not isinstance(grid, dict):
         raise ConfigError(name, "expected a mapping of key: [values]")
-    config_keys = KEYS
     for axis, values in grid.items():
         where = f"{name}.{axis}"
         if not isinstance(values, list) or not values:
             raise ConfigError(where, "expected a non-empty list of values")
-        if axis in config_keys:
+        if axis in KEYS:
             continue
         if not all(isinstance(v, dict) for v in values):
             raise ConfigError(
                 where,
-                f"unknown key{_close(axis, config_keys)} (an axis that is "
+                f"unknown key{suggest(axis, KEYS)} (an axis that is "
                 "not a configuration key takes mappings of keys)",
             )
         for bundle in values:
             for key in bundle:
-                if key not in config_keys:
-                    raise ConfigError(f"{where}.{key}", f"unknown key{_close(key, config_keys)}")
+                if key not in KEYS:
+                    raise ConfigError(f"{where}.{key}", f"unknown key{suggest(key, KEYS)}")
     return grid
 
 
-def _expand(base: dict[str, Any], grids: list[dict[str, list]], search: Search) -> list[Trial]:
+def _expand(base: dict[str, Any], grids: list[dict[str, list]]) -> list[Trial]:
     """Every combination of every grid, in file order (first axis outermost), validated."""
     trials: list[Trial] = []
     for name, grid in zip(_grid_names(grids), grids):
@@ -323,10 +324,6 @@ def _expand(base: dict[str, Any], grids: list[dict[str, list]], search: Search) 
                 key = f"{name}.{error.key}" if error.key in swept else error.key
                 raise ConfigError(key, error.detail) from None
             trials.append(Trial(len(trials), swept, config))
-    if search.algorithm == "optuna":
-        for key, spec in search.ranges.items():
-            for end in spec.args:
-                check_value(f"search.space.{key}", end, _hint(key), _rules(key))
     return trials
 
 
@@ -334,17 +331,7 @@ def _grid_names(grids: list[dict]) -> list[str]:
     return ["grid"] if len(grids) == 1 else [f"grids[{i}]" for i in range(len(grids))]
 
 
-def _hint(key: str) -> Any:
-    import typing
-
-    return typing.get_type_hints(Config)[key]
-
-
-def _rules(key: str) -> Mapping[str, Any]:
-    return next(f.metadata for f in dataclasses.fields(Config) if f.name == key)
-
-
-def _teachers(path: Path, raw: dict[str, Any], trials: list[Trial]) -> list[TeacherNeed]:
+def _teachers(raw: dict[str, Any], trials: list[Trial]) -> list[TeacherNeed]:
     """The teacher every distilling trial needs, resolved to a readable checkpoint or a recipe.
 
     Trials get their `teacher_checkpoint` filled in from `teacher_checkpoints` (arch -> path)."""
@@ -438,7 +425,7 @@ def _scheduler(raw: Any) -> Scheduler:
     allowed = {f.name for f in dataclasses.fields(Scheduler)}
     for key in raw:
         if key not in allowed:
-            raise ConfigError(f"scheduler.{key}", f"unknown key{_close(key, allowed)}")
+            raise ConfigError(f"scheduler.{key}", f"unknown key{suggest(key, allowed)}")
     name = check_value("scheduler.name", raw.get("name", "fifo"), str, {"choices": SCHEDULERS})
     return Scheduler(
         name=name,
@@ -459,7 +446,7 @@ def _search(raw: Any) -> Search:
     allowed = ("algorithm", "samples", "space", "seed")
     for key in raw:
         if key not in allowed:
-            raise ConfigError(f"search.{key}", f"unknown key{_close(key, allowed)}")
+            raise ConfigError(f"search.{key}", f"unknown key{suggest(key, allowed)}")
     algorithm = check_value(
         "search.algorithm", raw.get("algorithm", "grid"), str, {"choices": SEARCH_ALGORITHMS}
     )
@@ -484,8 +471,6 @@ def _ranges(raw: Any) -> dict[str, Range]:
     ranges = {}
     for key, spec in raw.items():
         where = f"search.space.{key}"
-        if key not in KEYS:
-            raise ConfigError(where, f"unknown key{_close(key, KEYS)}")
         if not isinstance(spec, dict) or len(spec) != 1:
             raise ConfigError(where, f"expected one of {', '.join(RANGE_KINDS)}: [args]")
         [(kind, args)] = spec.items()
@@ -495,7 +480,7 @@ def _ranges(raw: Any) -> dict[str, Range]:
             raise ConfigError(
                 where, f"{kind} takes [low, high]" if kind != "choice" else "choice takes a list"
             )
-        args = [check_value(where, a, _hint(key), _rules(key)) for a in args]
+        args = [check_key(key, a, where) for a in args]
         if kind != "choice" and not args[0] < args[1]:
             raise ConfigError(where, "expected low < high")
         if kind == "loguniform" and args[0] <= 0:
@@ -506,13 +491,6 @@ def _ranges(raw: Any) -> dict[str, Range]:
 
 def _number(key: str, value: Any, low: float, open_low: bool = False) -> float:
     return check_value(key, value, float, {"low": low, "open_low": open_low})
-
-
-def _close(word: str, candidates: Sequence[str]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(word, list(candidates), n=3, cutoff=0.6)
-    return f"; did you mean {', '.join(close)}?" if close else ""
 
 
 def _first_line(error: BaseException) -> str:
