@@ -380,14 +380,13 @@ def prepare(args: argparse.Namespace) -> tuple[Space, Storage, str, str, dict[st
     """Everything that can fail on bad input, before anything is written or started."""
     storage = Storage(args.storage)
     overrides = parse_overrides(args.set)
-    space_text = args.space.read_text() if args.space.is_file() else ""
-    space = spaces.load(args.space, overrides)
+    space = spaces.load(args.space, overrides)  # one clear line if the file cannot be read
+    space_text = args.space.read_text()
     name = experiment_name(args, space, storage)
     if args.resume:  # the experiment's own plan, not the file as it is now
         plan = json.loads(storage.read(name, PLAN_FILE))
         space_text, overrides = plan["space_text"], plan["overrides"]
-        copy = Path(args.space)
-        space = spaces.load_text(space_text, copy, overrides)
+        space = spaces.load_text(space_text, args.space, overrides)
     return space, storage, name, space_text, overrides
 
 

@@ -131,7 +131,7 @@ def train_one_epoch(run: Run, epoch: int) -> float:
 
     Metrics accumulate on the device and are read once, at the end of the epoch.
     """
-    members = [m for m in run.members if m.active]
+    members = run.active_members
     for m in members:
         m.distiller.train()
         for group in m.optimizer.param_groups:
@@ -247,7 +247,7 @@ def _step_sums(out: distillers.StepOutput, labels: Tensor) -> Tensor:
 
 def evaluate(run: Run) -> list[Tensor]:
     """Loss, top-1 and top-5 hits over the evaluation split for every active student (sums)."""
-    members = [m for m in run.members if m.active]
+    members = run.active_members
     totals = [torch.zeros(3, device=run.device) for _ in members]
     for m in members:
         m.distiller.eval()
@@ -327,8 +327,13 @@ class Run:
         return self._captured
 
     @property
+    def active_members(self) -> list[Member]:
+        """The students still training: a diverged one stops alone."""
+        return [m for m in self.members if m.active]
+
+    @property
     def done(self) -> bool:
-        return self.epoch >= self.configs[0].epochs or not any(m.active for m in self.members)
+        return self.epoch >= self.configs[0].epochs or not self.active_members
 
     def batches(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         first = self.configs[0]
@@ -347,7 +352,7 @@ class Run:
     def train_epoch(self) -> list[dict[str, Any] | None]:
         """Train and evaluate one epoch; the metrics of each student (None once it has stopped)."""
         self.epoch += 1
-        active = [m for m in self.members if m.active]
+        active = self.active_members
         start = time.perf_counter()
         train_seconds = train_one_epoch(self, self.epoch)
         eval_totals = evaluate(self)
