@@ -197,9 +197,8 @@ def progress_reporter(space: Space) -> Any:
 
     # Tune's newer per-trial boxes ignore reporters; its table scales better to large sweeps.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    shown = ["students", *space.axes] if space.group_students else space.axes
     return tune.CLIReporter(
-        parameter_columns=shown or list(space.search.ranges),
+        parameter_columns=spaces.shown_params(space),
         metric_columns={
             "epoch": "epoch",
             "test_acc": "acc",
@@ -353,6 +352,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def experiment_name(args: argparse.Namespace, space: Space, storage: Storage) -> str:
+    if args.name is not None:
+        try:
+            spaces.check_folder_name("--name", args.name)
+        except ConfigError as error:
+            raise SpaceError(space.path, error.key, error.detail) from None
     if not args.resume:
         name = args.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         if storage.exists(name, PLAN_FILE):

@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,8 @@ UNUSED_BY_METHOD = {
     "kd": ("loss", "projector", "projector_design", "factor"),
     "simkd": (),
 }
+# Names of experiments: one path component under the storage, never `..` or a path.
+FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 # Columns every trial is labelled with, swept or not, so results from different files line up.
 LABELS = ("teacher", "student", "method", "loss", "projector", "lr", "seed")
 
@@ -260,7 +263,7 @@ def _parse(path: Path, raw: dict[str, Any]) -> Space:
     teachers = _teachers(raw, trials)
     return Space(
         path=path,
-        name=check_value("name", raw.get("name", path.stem), str, {}),
+        name=check_folder_name("name", check_value("name", raw.get("name", path.stem), str, {})),
         description=str(raw.get("description", "")).strip(),
         base=base,
         trials=trials,
@@ -404,6 +407,17 @@ def _check_checkpoint(need: TeacherNeed, config: Config, key: str) -> None:
         )
 
 
+def check_folder_name(key: str, name: str) -> str:
+    """An experiment is one folder of the storage: its name may not reach outside it."""
+    if not FOLDER_NAME.fullmatch(name):
+        raise ConfigError(
+            key,
+            f"{name!r} is not a folder name: letters, digits, '.', '_' and '-' only, "
+            "starting with a letter or digit",
+        )
+    return name
+
+
 def _resources(raw: Any) -> Resources:
     if not isinstance(raw, dict):
         raise ConfigError("resources", "expected a mapping such as {cpu: 2, gpu: 0.25}")
@@ -536,14 +550,20 @@ def param_space(space: Space) -> dict[str, Any]:
     return params
 
 
+def shown_params(space: Space) -> list[str]:
+    """The keys every trial's config has for the progress table: the plan's columns, or the
+    values Optuna samples (a group's trial holds only the axes all its students share)."""
+    return [key for key in param_space(space) if key != "index"]
+
+
 class _PlannedValue:
     """A plan column for Tune: the value of one axis in the trial whose index was drawn."""
 
     def __init__(self, values: list[Any]):
         self.values = values
 
-    def __call__(self, spec: Any) -> Any:
-        return self.values[spec.config.index]
+    def __call__(self, config: dict[str, Any]) -> Any:
+        return self.values[config["index"]]
 
 
 def _domain(r: Range) -> Any:
