@@ -190,11 +190,14 @@ def progress_text(space_file: Path, overrides: dict, monkeypatch) -> str:
     past its first epoch, as the reporter prints it every 30 seconds."""
     from ray.tune.experiment import Trial
     from ray.tune.search.variant_generator import generate_variants
+    from ray.tune.utils.log import Verbosity, set_verbosity
 
     monkeypatch.setattr(Trial, "local_experiment_path", property(lambda self: "experiment"))
     monkeypatch.setattr(Trial, "local_path", property(lambda self: None))
     space = spaces.load(space_file, overrides)
+    set_verbosity(1)  # as a sweep's first `fit` leaves it (the teachers' trials)
     reporter = run.progress_reporter(space)
+    set_verbosity(Verbosity.V3_TRIAL_DETAILS)
     reporter.set_search_properties(space.metric, "max")
     trials = []
     for number, (_, config) in enumerate(generate_variants(spaces.param_space(space))):
@@ -211,6 +214,8 @@ def test_the_progress_report_of_groups_shows_what_every_group_shares(monkeypatch
     overrides = {"group_students": True}
     text = progress_text(ROOT / "search_spaces" / "quickstart.yaml", overrides, monkeypatch)
     assert "parameters={'students': 6, 'seed': 1}" in text
+    header = next(line for line in text.splitlines() if line.startswith("| Trial name"))
+    assert [c.strip() for c in header.split("|")[4:6]] == ["students", "seed"]
     assert "Number of trials: 2 (2 RUNNING)" in text
     assert "loss" not in text and " lr " not in text
 

@@ -206,6 +206,7 @@ def progress_reporter(space: Space) -> Any:
             "diverged": "diverged",
         },
         max_report_frequency=30,
+        print_intermediate_tables=True,  # by default only while Tune's verbosity is at its start
         max_progress_rows=50,
         sort_by_metric=True,
     )
