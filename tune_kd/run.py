@@ -152,6 +152,7 @@ class Launcher:
             failure_config=tune.FailureConfig(max_failures=self.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             progress_reporter=progress_reporter(space),
+            callbacks=tracker_callbacks(space, name),
             verbose=1,
         )
         return tune.Tuner(
@@ -210,6 +211,30 @@ def progress_reporter(space: Space) -> Any:
         max_progress_rows=50,
         sort_by_metric=True,
     )
+
+
+def with_trackers(space: Space, added: Sequence[str]) -> Space:
+    """The space file's trackers and those of `--tracker`, each ready to log (else one line)."""
+    names = list(dict.fromkeys([*space.trackers, *added]))
+    if not names:
+        return space
+    from tune_kd import trackers
+
+    for name in names:
+        problem = trackers.missing_setup(name)
+        if problem:
+            raise SpaceError(space.path, "trackers", problem)
+    return dataclasses.replace(space, trackers=names)
+
+
+def tracker_callbacks(space: Space, experiment: str) -> list[Any]:
+    """Ray Tune's logger callbacks of the space's trackers (TensorBoard's is always on)."""
+    if not space.trackers:
+        return []
+    from tune_kd import trackers
+
+    axes = space.axes or list(space.search.ranges)  # a grid's axes, or Optuna's sampled keys
+    return trackers.callbacks(space.trackers, axes, experiment)
 
 
 def start_ray(address: str | None) -> bool:
@@ -345,6 +370,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a key of the space file (a swept key replaces its axis)",
     )
+    parser.add_argument(
+        "--tracker",
+        action="append",
+        default=[],
+        choices=spaces.TRACKERS,
+        help="also log every trial to this experiment tracker (repeatable; the file's `trackers`)",
+    )
     parser.add_argument("--max-concurrent", type=int, metavar="N", help="trials running at once")
     parser.add_argument(
         "--max-failures", type=int, default=3, metavar="N", help="retries per trial"
@@ -392,6 +424,7 @@ def prepare(args: argparse.Namespace) -> tuple[Space, Storage, str, str, dict[st
         plan = json.loads(storage.read(name, PLAN_FILE))
         space_text, overrides = plan["space_text"], plan["overrides"]
         space = spaces.load_text(space_text, args.space, overrides)
+    space = with_trackers(space, args.tracker)
     return space, storage, name, space_text, overrides
 
 

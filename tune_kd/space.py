@@ -51,6 +51,8 @@ SEARCH_ALGORITHMS = ("grid", "optuna")
 RANGE_KINDS = ("uniform", "loguniform", "randint", "choice")
 # Metrics a search or a scheduler may optimise (all maximised).
 METRICS = ("best_test_acc", "test_acc", "test_acc_top5")
+# Experiment trackers a sweep can log to besides TensorBoard (Ray Tune's logger callbacks).
+TRACKERS = ("mlflow", "wandb")
 # Keys without effect under a method: left out of a trial's labels so tables do not split on them.
 UNUSED_BY_METHOD = {
     "student": (
@@ -159,6 +161,7 @@ class Space:
     search: Search
     metric: str
     group_students: bool
+    trackers: list[str] = field(default_factory=list)
 
     def single_trial(self) -> dict[str, Any]:
         """The configuration of a file that describes exactly one run (for `tune_kd.train`)."""
@@ -191,6 +194,7 @@ SPACE_KEYS = (
     "search",
     "metric",
     "group_students",
+    "trackers",
 )
 
 
@@ -275,6 +279,7 @@ def _parse(path: Path, raw: dict[str, Any]) -> Space:
         search=search,
         metric=check_value("metric", raw.get("metric", "best_test_acc"), str, {"choices": METRICS}),
         group_students=group_students,
+        trackers=check_value("trackers", raw.get("trackers", []), list[str], {"choices": TRACKERS}),
     )
 
 
