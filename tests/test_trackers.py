@@ -4,8 +4,10 @@ metrics."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,7 +68,8 @@ def mlflow_runs(tmp_path: Path, experiment: str, monkeypatch) -> tuple[Any, list
 
 def test_every_trial_is_one_tracker_run_with_its_grid_values(tmp_path, monkeypatch):
     wandb = importlib_or_none("wandb")
-    env = {**mlflow_env(tmp_path), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    wandb_dir = tmp_path / "wandb"
+    env = {**mlflow_env(tmp_path), "WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir)}
     args = ["--storage", str(tmp_path / "results"), "--name", "tracked", "--tracker", "mlflow"]
     if wandb:
         args += ["--tracker", "wandb"]
@@ -85,12 +88,16 @@ def test_every_trial_is_one_tracker_run_with_its_grid_values(tmp_path, monkeypat
         assert sorted(m.step for m in history) == [1, 2]  # one point per epoch
         assert {m.step for m in client.get_metric_history(run.info.run_id, "epoch")} == {1, 2}
 
-    if wandb:  # offline runs: one folder per trial, beside the trial's own files
-        offline = sorted((tmp_path / "results" / "tracked").glob("trial_*/wandb/offline-run-*"))
+    if wandb:  # offline runs: one per trial
+        offline = sorted(wandb_dir.glob("wandb/offline-run-*"))
         assert len(offline) == 4
         for folder in offline:
-            config = (folder / "files" / "config.yaml").read_text()
-            assert "lr:" in config and "seed:" in config
+            log = (folder / "logs" / "debug.log").read_text()
+            config = ast.literal_eval(re.search(r"^config: (.*)$", log, re.MULTILINE)[1])
+            records = next(folder.glob("*.wandb")).read_bytes()  # W&B's own binary log
+            for axis in ("lr", "seed"):
+                assert f"{axis}={config[axis]}".encode() in records  # the run's tags
+            assert b"test_acc" in records
 
 
 def test_a_group_of_students_is_one_run_with_each_students_metrics(tmp_path, monkeypatch):
