@@ -170,6 +170,7 @@ def student_configs(args: argparse.Namespace, group: int) -> list[dict]:
         "compile": args.compile,
         "cuda_graphs": args.cuda_graphs,
         "epochs": args.epochs,
+        "lr_decay_epochs": [],
         "seed": 0,
     }
     return [{**base, "loss": loss, "lr": lr} for loss, lr in cells[:group]]

@@ -27,6 +27,7 @@ CONFIG = {
     "student": "resnet8",
     "batch_size": 32,
     "epochs": 2,
+    "lr_decay_epochs": [],
 }
 
 

@@ -38,6 +38,8 @@ QUICK = [
     "seed=[0]",
     "--set",
     "teacher_train.epochs=1",
+    "--set",
+    "teacher_train.lr_decay_epochs=[1]",
 ]
 
 

@@ -140,6 +140,7 @@ def test_a_diverging_run_stops_with_its_last_metrics():
         "student": "resnet8",
         "batch_size": 32,
         "epochs": 3,
+        "lr_decay_epochs": [],
         "lr": 1e6,
         "device": "cpu",
     }

@@ -44,6 +44,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from tune_kd import cli
 from tune_kd.storage import PLAN_FILE, Storage
 
 log = logging.getLogger(__name__)
@@ -189,9 +190,12 @@ def read_plan(storage: Storage) -> dict[str, Any]:
             f"{storage.uri} has no {PLAN_FILE}: not an experiment of python -m tune_kd.run"
         )
     try:
-        return json.loads(storage.read(PLAN_FILE))
+        plan = json.loads(storage.read(PLAN_FILE))
     except ValueError as error:
         raise ExperimentError(f"{storage.uri_of(PLAN_FILE)} is unreadable: {error}") from None
+    if not isinstance(plan, dict):
+        raise ExperimentError(f"{storage.uri_of(PLAN_FILE)} is not a plan: expected a mapping")
+    return plan
 
 
 def list_entries(storage: Storage, *parts: str) -> dict[str, bool]:
@@ -980,6 +984,9 @@ def write_files(experiment: Experiment, summary: pd.DataFrame, metric: str, out:
     """Both frames as parquet, the summary as markdown, CSV and LaTeX, every plot as PNG and SVG;
     returns where each file went."""
     target = Storage(str(out))
+    unwritable = target.unwritable()
+    if unwritable:
+        raise ExperimentError(unwritable)
     contents = {
         "trials.parquet": parquet_bytes(experiment.trials),
         "epochs.parquet": parquet_bytes(experiment.epochs),
@@ -990,7 +997,7 @@ def write_files(experiment: Experiment, summary: pd.DataFrame, metric: str, out:
     for name, fig in figures(experiment, metric).items():
         contents[f"{name}.png"] = figure_bytes(fig, "png")
         contents[f"{name}.svg"] = figure_bytes(fig, "svg")
-    for name, content in contents.items():
+    for name, content in contents.items():  # each file whole: an interruption keeps the old one
         target.write(content.encode() if isinstance(content, str) else content, name)
     return [target.uri_of(name) for name in contents]
 
@@ -1009,7 +1016,7 @@ def figure_bytes(fig: Figure, kind: str) -> bytes:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m tune_kd.analysis", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument(
@@ -1030,8 +1037,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         report = write_report(args.experiment, args.out, args.metric)
     except ExperimentError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return cli.fail(error)
     print(format_summary(report.summary, args.metric, report.files))
     return 0
 

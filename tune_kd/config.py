@@ -201,8 +201,15 @@ class Config:
             raise ConfigError("projector_weights", f"projector '{self.projector}' takes {expected}")
         if not self.device.startswith(("auto", "cpu", "cuda")):
             raise ConfigError("device", f"expected auto, cpu, cuda or cuda:N, got '{self.device}'")
-        if self.lr_decay_epochs != sorted(self.lr_decay_epochs):
-            raise ConfigError("lr_decay_epochs", "must be in increasing order")
+        decays = self.lr_decay_epochs
+        if decays != sorted(set(decays)):
+            raise ConfigError("lr_decay_epochs", f"must be increasing, got {decays}")
+        if decays and decays[-1] > self.epochs:
+            raise ConfigError(
+                "lr_decay_epochs",
+                f"{decays[-1]} is beyond the last epoch ({self.epochs}): "
+                "give decay epochs within the run",
+            )
 
 
 KEYS = tuple(f.name for f in dataclasses.fields(Config))

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import os
+import pickle
 import sys
 import tempfile
 import time
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 import yaml
 
-from tune_kd import cost, models
+from tune_kd import cli, cost, models
 from tune_kd import data as datasets
 from tune_kd import space as spaces
 from tune_kd.config import ConfigError
@@ -344,9 +345,7 @@ def write_plan(
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m tune_kd.run", description=__doc__.split("\n\n")[0]
-    )
+    parser = cli.ArgumentParser(prog="python -m tune_kd.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--space", type=Path, default=DEFAULT_SPACE, help="search-space file")
     parser.add_argument(
         "--storage", default=DEFAULT_STORAGE, help="results folder or URI (s3://...)"
@@ -377,7 +376,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         choices=spaces.TRACKERS,
         help="also log every trial to this experiment tracker (repeatable; the file's `trackers`)",
     )
-    parser.add_argument("--max-concurrent", type=int, metavar="N", help="trials running at once")
+    parser.add_argument(
+        "--max-concurrent", type=cli.positive_int, metavar="N", help="trials running at once"
+    )
     parser.add_argument(
         "--max-failures", type=int, default=3, metavar="N", help="retries per trial"
     )
@@ -419,13 +420,25 @@ def prepare(args: argparse.Namespace) -> tuple[Space, Storage, str, str, dict[st
     overrides = parse_overrides(args.set)
     space = spaces.load(args.space, overrides)  # one clear line if the file cannot be read
     space_text = args.space.read_text()
+    unwritable = storage.unwritable()
+    if unwritable:
+        raise ConfigError("--storage", unwritable)
     name = experiment_name(args, space, storage)
     if args.resume:  # the experiment's own plan, not the file as it is now
-        plan = json.loads(storage.read(name, PLAN_FILE))
-        space_text, overrides = plan["space_text"], plan["overrides"]
+        space_text, overrides = planned_space(storage, name)
         space = spaces.load_text(space_text, args.space, overrides)
     space = with_trackers(space, args.tracker)
     return space, storage, name, space_text, overrides
+
+
+def planned_space(storage: Storage, name: str) -> tuple[str, dict[str, Any]]:
+    """The space file's text and the overrides an experiment was planned with."""
+    try:
+        plan = json.loads(storage.read(name, PLAN_FILE))
+        return plan["space_text"], plan["overrides"]
+    except (ValueError, TypeError, KeyError) as error:
+        where = storage.uri_of(name, PLAN_FILE)
+        raise ConfigError("--resume", f"{where} is not a readable plan ({error!r})") from None
 
 
 def load_datasets(space: Space) -> dict[str, datasets.Arrays]:
@@ -444,9 +457,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(describe_plan(space))
             return 0
         data = load_datasets(space)
-    except (SpaceError, ConfigError, datasets.DatasetUnavailable) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except (SpaceError, ConfigError, datasets.DatasetUnavailable, pickle.UnpicklingError) as error:
+        return cli.fail(error)  # an unpickling error: a CIFAR file that is not plain data
     local = start_ray(args.address)
     launcher = Launcher(
         storage,

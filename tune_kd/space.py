@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -69,6 +70,10 @@ UNUSED_BY_METHOD = {
 }
 # Names of experiments: one path component under the storage, never `..` or a path.
 FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+# A space file holds a few hundred values; YAML aliases can make a few lines stand for billions.
+MAX_VALUES = 100_000
+# Trials one sweep may plan (a grid's combinations, or Optuna's samples).
+MAX_TRIALS = 100_000
 # Columns every trial is labelled with, swept or not, so results from different files line up.
 LABELS = ("teacher", "student", "method", "loss", "projector", "lr", "seed")
 
@@ -205,6 +210,8 @@ def load(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Space:
         text = path.read_text()
     except OSError as error:
         raise SpaceError(path, "-", f"cannot read the file ({error.strerror})") from None
+    except UnicodeDecodeError:
+        raise SpaceError(path, "-", "not a text file (UTF-8 YAML expected)") from None
     return load_text(text, path, overrides)
 
 
@@ -214,13 +221,40 @@ def load_text(text: str, path: str | Path, overrides: Mapping[str, Any] | None =
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise SpaceError(path, "-", f"not valid YAML ({_first_line(error)})") from None
+        raise SpaceError(path, "-", f"not valid YAML ({_yaml_problem(error)})") from None
+    except RecursionError:
+        raise SpaceError(path, "-", "not valid YAML (nested too deeply)") from None
     if not isinstance(raw, dict):
         raise SpaceError(path, "-", "expected a mapping of keys at the top level")
+    _check_size(path, raw)
+    _check_size("--set", overrides or {})
     try:
         return _parse(path, apply_overrides(raw, overrides or {}))
     except ConfigError as error:
         raise SpaceError(path, error.key, error.detail) from None
+
+
+def _check_size(where: str | Path, document: Mapping[str, Any]) -> None:
+    """Refuse a document of more than MAX_VALUES values, counted as if its YAML aliases were
+    expanded (a reference cycle counts without end), before anything copies or expands it. The
+    count stops at the limit, so an alias bomb is refused in bounded time and memory."""
+    count = 0
+    for key, value in document.items():
+        pending = [value]
+        while pending:
+            item = pending.pop()
+            count += 1
+            if count > MAX_VALUES:
+                raise SpaceError(
+                    where,
+                    key,
+                    f"more than {MAX_VALUES} values once YAML aliases are expanded: "
+                    "a space file lists each value it sweeps",
+                )
+            if isinstance(item, dict):
+                pending.extend(item.values())
+            elif isinstance(item, list):
+                pending.extend(item)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -250,6 +284,7 @@ def _parse(path: Path, raw: dict[str, Any]) -> Space:
             raise ConfigError(key, f"unknown key{suggest(key, [*config_keys, *SPACE_KEYS])}")
     base = {k: v for k, v in raw.items() if k in config_keys}
     grids = _grids(raw)
+    _check_trial_count(grids)
     search = _search(raw.get("search", "grid"))
     if search.algorithm == "optuna" and any(grids):
         raise ConfigError(
@@ -335,6 +370,14 @@ def _expand(base: dict[str, Any], grids: list[dict[str, list]]) -> list[Trial]:
     return trials
 
 
+def _check_trial_count(grids: list[dict[str, list]]) -> None:
+    """Refuse a plan of more than MAX_TRIALS trials, counted from its axes before expanding."""
+    counts = [math.prod(len(values) for values in grid.values()) for grid in grids]
+    if sum(counts) > MAX_TRIALS:
+        key = "grid" if len(grids) == 1 else "grids"
+        raise ConfigError(key, f"plans {sum(counts)} trials, more than {MAX_TRIALS}")
+
+
 def _grid_names(grids: list[dict]) -> list[str]:
     return ["grid"] if len(grids) == 1 else [f"grids[{i}]" for i in range(len(grids))]
 
@@ -370,7 +413,9 @@ def _teachers(raw: dict[str, Any], trials: list[Trial]) -> list[TeacherNeed]:
         )
         if need.key not in needs:
             if need.checkpoint:
-                _check_checkpoint(need, config, f"teacher_checkpoints.{config.teacher}")
+                check_checkpoint(
+                    need.checkpoint, need.arch, config, f"teacher_checkpoints.{config.teacher}"
+                )
             needs[need.key] = need
         if checkpoint and config.teacher_checkpoint != checkpoint:
             trials[i] = dataclasses.replace(
@@ -399,17 +444,16 @@ def recipe_hash(recipe: Config | None) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _check_checkpoint(need: TeacherNeed, config: Config, key: str) -> None:
-    """Load the teacher on the CPU: an unreadable or mismatched file fails before anything runs."""
+def check_checkpoint(path: str, arch: str, config: Config, key: str) -> None:
+    """Load a teacher on the CPU: an unreadable or mismatched file (another architecture, another
+    number of classes than `config`'s dataset) fails, naming `key`, before anything runs."""
     try:
-        model = models.load_checkpoint(need.checkpoint, name=need.arch)
+        model = models.load_checkpoint(path, name=arch)
     except ValueError as error:
         raise ConfigError(key, _first_line(error)) from None
     classes, out = config.num_classes, models.num_classes(model)
     if out != classes:
-        raise ConfigError(
-            key, f"{need.checkpoint} has {out} classes but {config.dataset} has {classes}"
-        )
+        raise ConfigError(key, f"{path} has {out} classes but {config.dataset} has {classes}")
 
 
 def check_folder_name(key: str, name: str) -> str:
@@ -478,7 +522,9 @@ def _search(raw: Any) -> Search:
         raise ConfigError("search.space", "ranges need search algorithm optuna")
     return Search(
         algorithm=algorithm,
-        samples=check_value("search.samples", raw.get("samples", 1), int, {"low": 1}),
+        samples=check_value(
+            "search.samples", raw.get("samples", 1), int, {"low": 1, "high": MAX_TRIALS}
+        ),
         ranges=ranges,
         seed=check_value("search.seed", raw.get("seed", 0), int, {"low": 0}),
     )
@@ -510,6 +556,15 @@ def _ranges(raw: Any) -> dict[str, Range]:
 
 def _number(key: str, value: Any, low: float, open_low: bool = False) -> float:
     return check_value(key, value, float, {"low": low, "open_low": open_low})
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """What the YAML parser found wrong, and the line where it found it."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}"
+    return _first_line(error)
 
 
 def _first_line(error: BaseException) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 from pathlib import Path
 
 import pyarrow.fs
@@ -20,6 +22,7 @@ class Storage:
         else:
             self.uri = str(Path(location).expanduser().resolve())
             self.fs, self.root = pyarrow.fs.LocalFileSystem(), self.uri
+        self.local = isinstance(self.fs, pyarrow.fs.LocalFileSystem)
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
@@ -30,10 +33,40 @@ class Storage:
     def exists(self, *parts: str) -> bool:
         return self.fs.get_file_info(self.path(*parts)).type != pyarrow.fs.FileType.NotFound
 
+    def unwritable(self) -> str | None:
+        """Why files cannot be written here, found without writing anything; None when they can
+        (or, for an object store, when only a write would tell)."""
+        if not self.local:
+            return None
+        folder = Path(self.root)
+        while not folder.exists():
+            folder = folder.parent
+        if not folder.is_dir():
+            return f"cannot write to {self.uri}: {folder} is a file, not a folder"
+        if not os.access(folder, os.W_OK | os.X_OK):
+            return f"cannot write to {self.uri}: {folder} is read-only"
+        return None
+
     def write(self, content: bytes, *parts: str) -> None:
+        """Write a file whole or not at all: readers see the previous file or the new one.
+
+        A local file is written to a temporary file beside it, then renamed over it. An object
+        store (s3://, gs://) shows an object only once its upload completes (one PUT, or a
+        multipart upload completed at close), which is atomic already."""
         self.fs.create_dir(self.path(*parts[:-1]), recursive=True)
-        with self.fs.open_output_stream(self.path(*parts)) as f:
-            f.write(content)
+        if not self.local:
+            with self.fs.open_output_stream(self.path(*parts)) as f:
+                f.write(content)
+            return
+        target = Path(self.path(*parts))
+        temporary = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            with open(temporary, "xb") as f:
+                f.write(content)
+            os.replace(temporary, target)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
 
     def read(self, *parts: str) -> bytes:
         with self.fs.open_input_stream(self.path(*parts)) as f:

@@ -1,6 +1,7 @@
 """One training run, end to end, without Ray.
 
-    python -m tune_kd.train --config search_spaces/quickstart.yaml --set epochs=3
+    python -m tune_kd.train --config search_spaces/quickstart.yaml --set epochs=3 \\
+        --set lr_decay_epochs=[2]
     python -m tune_kd.train --method simkd --teacher resnet32x4 \\
         --teacher-checkpoint resnet32x4_vanilla/ckpt_epoch_240.pth --student resnet8x4
 
@@ -16,6 +17,7 @@ import argparse
 import contextlib
 import json
 import math
+import pickle
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -27,9 +29,10 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from tune_kd import cli, distillers, losses, models
 from tune_kd import data as datasets
-from tune_kd import distillers, losses, models
 from tune_kd.config import EXECUTION_KEYS, KEYS, SHARED_KEYS, Config, ConfigError, describe, resolve
+from tune_kd.storage import Storage
 
 # Metrics that measure the machine rather than the training: they differ between identical runs.
 TIMING_METRICS = ("epoch_seconds", "images_per_second")
@@ -496,12 +499,20 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ConfigError(pair, "expected key=value")
-        overrides[key.strip()] = yaml.safe_load(value)
+        overrides[key.strip()] = yaml_value(key.strip(), value)
     return overrides
 
 
+def yaml_value(key: str, text: str) -> Any:
+    """A value given on the command line, read as YAML (plain data only)."""
+    try:
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError):
+        raise ConfigError(key, f"{text!r} is not a YAML value") from None
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m tune_kd.train",
         description="Train one configuration and print one line per epoch.",
         epilog="configuration keys (each also a flag, e.g. --teacher-checkpoint PATH):\n"
@@ -539,9 +550,31 @@ def config_from_args(args: argparse.Namespace) -> Config:
     for key in KEYS:
         flag = getattr(args, f"key_{key}")
         if flag is not None:
-            values[key] = yaml.safe_load(flag)
+            values[key] = yaml_value(key, flag)
     values.update(parse_overrides(args.set))
-    return resolve(Config.from_dict(values))
+    config = resolve(Config.from_dict(values))
+    if config.method != "student" and config.teacher_checkpoint is not None:
+        from tune_kd import space
+
+        space.check_checkpoint(
+            config.teacher_checkpoint, config.teacher, config, "teacher_checkpoint"
+        )
+    return config
+
+
+def resume(run: Run, checkpoint: Path) -> None:
+    """Continue `run` from its folder's checkpoint, or say in one line why it cannot be."""
+    if not checkpoint.is_file():
+        raise ConfigError("--resume", f"no checkpoint {checkpoint} to continue")
+    try:
+        run.load(checkpoint)
+    except pickle.UnpicklingError:
+        raise ConfigError(
+            "--resume", f"{checkpoint} is not a checkpoint of tensors: refused to unpickle it"
+        ) from None
+    except (ValueError, RuntimeError, KeyError, EOFError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        raise ConfigError("--resume", f"{checkpoint} cannot be continued: {reason}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -552,14 +585,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.out
             or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.method}-{config.student}"
         )
+        unwritable = Storage(str(out)).unwritable()
+        if unwritable:
+            raise ConfigError("--out", unwritable)
         run = Run([config])
-    except (ValueError, datasets.DatasetUnavailable) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        checkpoint = out / "checkpoint.pt"
+        if args.resume:
+            resume(run, checkpoint)
+    except (ValueError, datasets.DatasetUnavailable, pickle.UnpicklingError) as error:
+        return cli.fail(error)  # an unpickling error: a CIFAR file that is not plain data
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint = out / "checkpoint.pt"
-    if args.resume:
-        run.load(checkpoint)
     (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     teacher = f", teacher {run.teacher_test_acc:.2f}%" if run.teacher_test_acc is not None else ""
     where = f"{config.device}, {config.precision}{teacher}"
