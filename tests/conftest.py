@@ -1,7 +1,10 @@
-"""Shared fixtures: a small teacher checkpoint in the field's layout, and tiny configurations."""
+"""Shared fixtures: a small teacher checkpoint in the field's layout, tiny configurations, and an
+experiment folder of pending trials."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -43,3 +46,34 @@ def tiny(teacher_checkpoint) -> dict:
         "lr_decay_epochs": [1],
         "device": "cpu",
     }
+
+
+def write_pending_experiment(root: Path, trials: int = 1) -> Path:
+    """An experiment folder whose plan has `trials` trials, none started: enough for the analysis
+    to write every table and plot."""
+    labels = {"teacher": None, "student": "resnet8", "method": "student", "loss": None}
+    plan = {
+        "name": "pending",
+        "planned": trials,
+        "axes": ["seed"],
+        "groups": [[seed] for seed in range(trials)],
+        "metric": "best_test_acc",
+        "resources": {"cpu": 1, "gpu": 0},
+        "trials": [
+            {
+                "index": seed,
+                "axes": {"seed": seed},
+                "labels": {**labels, "projector": None, "lr": 0.05, "seed": seed},
+                "config": {"epochs": 2},
+            }
+            for seed in range(trials)
+        ],
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "tune_kd_plan.json").write_text(json.dumps(plan))
+    return root
+
+
+@pytest.fixture
+def pending_experiment() -> Callable[..., Path]:
+    return write_pending_experiment

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import tracemalloc
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,7 @@ class Files:
 
     tmp: Path
     teacher: Path  # a valid resnet14 checkpoint for 10 classes
+    pending_experiment: Callable[..., Path]  # writes a valid experiment folder
 
     @property
     def storage(self) -> Path:
@@ -140,6 +142,11 @@ class Files:
         path = self.tmp / "resnet14-100.pth"
         torch.save({"model": models.create("resnet14", 100).state_dict()}, path)
         return path
+
+    def stored_plan(self, name: str, plan: str) -> str:
+        """An experiment `name` in the storage, with this plan file."""
+        self.write(f"results/{name}/tune_kd_plan.json", plan)
+        return name
 
     def experiment(self, plan: str | None) -> str:
         """A folder that claims to be an experiment, with this plan file (None: without)."""
@@ -331,6 +338,13 @@ CASES: dict[str, tuple] = {
         "'../../escape'",
     ),
     "name-is-a-path": ("run", lambda f: f.run("--name", "a/b"), S, "'--name'", "'a/b'"),
+    "resume-unreadable-plan": (
+        "run",
+        lambda f: f.run("--resume", "--name", f.stored_plan("old", "{")),
+        "'--resume'",
+        T + "/results/old/tune_kd_plan.json",
+        "not a readable plan",
+    ),
     "resume-nothing": (
         "run",
         lambda f: f.run("--resume"),
@@ -505,6 +519,12 @@ CASES: dict[str, tuple] = {
         "'worst'",
     ),
     "analysis-no-argument": ("analysis", lambda f: [], "experiment"),
+    "analysis-out-is-a-file": (
+        "analysis",
+        lambda f: [str(f.pending_experiment(f.tmp / "done")), "--out", f.write("file", "x")],
+        T + "/file",
+        "is a file",
+    ),
 }
 
 
@@ -536,10 +556,10 @@ def assert_one_line(status: int, out: str, err: str, expected: list[str]) -> Non
 
 
 @pytest.fixture
-def files(tmp_path, teacher_checkpoint, monkeypatch) -> Files:
+def files(tmp_path, teacher_checkpoint, pending_experiment, monkeypatch) -> Files:
     monkeypatch.chdir(tmp_path)  # a default output folder (runs/...) would show in the tree
     monkeypatch.setattr(run, "start_ray", lambda address: pytest.fail("bad input reached Ray"))
-    return Files(tmp_path, teacher_checkpoint)
+    return Files(tmp_path, teacher_checkpoint, pending_experiment)
 
 
 def test_the_table_covers_the_issue():

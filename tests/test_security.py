@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 
@@ -152,36 +151,12 @@ def test_a_crafted_cifar_file_is_refused_in_one_line(tmp_path, marker, capsys):
     assert not marker.exists() and not (tmp_path / "run").exists()
 
 
-def minimal_experiment(root: Path, seeds: int = 1) -> Path:
-    """A plan of `seeds` pending trials: enough for every table and plot."""
-    labels = {"teacher": None, "student": "resnet8", "method": "student", "loss": None}
-    trials = [
-        {
-            "index": seed,
-            "axes": {"seed": seed},
-            "labels": {**labels, "projector": None, "lr": 0.05, "seed": seed},
-            "config": {"epochs": 2},
-        }
-        for seed in range(seeds)
-    ]
-    plan = {
-        "name": "minimal",
-        "planned": seeds,
-        "axes": ["seed"],
-        "groups": [[seed] for seed in range(seeds)],
-        "metric": "best_test_acc",
-        "resources": {"cpu": 1, "gpu": 0},
-        "trials": trials,
-    }
-    root.mkdir(parents=True, exist_ok=True)
-    (root / storage.PLAN_FILE).write_text(json.dumps(plan))
-    return root
-
-
-def test_analysis_leaves_pickles_of_an_experiment_unopened(tmp_path, marker, capsys):
+def test_analysis_leaves_pickles_of_an_experiment_unopened(
+    tmp_path, marker, capsys, pending_experiment
+):
     """Tune's folders hold pickles (tuner.pkl, trainable.pkl, checkpoints): the tables and plots
     are made from JSON alone."""
-    root = minimal_experiment(tmp_path / "experiment")
+    root = pending_experiment(tmp_path / "experiment")
     payload = pickle.dumps(CreatesFile(marker))
     for name in ("tuner.pkl", "trainable.pkl", "trial_0000/params.pkl"):
         (root / name).parent.mkdir(exist_ok=True)
@@ -195,12 +170,14 @@ def test_analysis_leaves_pickles_of_an_experiment_unopened(tmp_path, marker, cap
 # ----------------------------------------------------------------------------- results files
 
 
-def test_an_interrupted_analysis_leaves_the_previous_files_whole(tmp_path, monkeypatch):
-    root = minimal_experiment(tmp_path / "experiment")
+def test_an_interrupted_analysis_leaves_the_previous_files_whole(
+    tmp_path, monkeypatch, pending_experiment
+):
+    root = pending_experiment(tmp_path / "experiment")
     assert analysis.main([str(root)]) == 0
     results = root / analysis.RESULTS_FOLDER
     before = {p.name: p.read_bytes() for p in results.iterdir()}
-    minimal_experiment(root, seeds=3)  # the next report differs
+    pending_experiment(root, trials=3)  # the next report differs
 
     def interrupted_open(path, mode="r", *args, **kwargs):
         """The parquet stream stops halfway, as a killed process would."""
