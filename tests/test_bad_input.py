@@ -64,7 +64,6 @@ class Files:
     """A case's folder: the input files it writes, and where output would go."""
 
     tmp: Path
-    teacher: Path  # a valid resnet14 checkpoint for 10 classes
     pending_experiment: Callable[..., Path]  # writes a valid experiment folder
 
     @property
@@ -113,7 +112,7 @@ class Files:
         return self.run(**DISTIL, teacher_checkpoints={"resnet14": str(checkpoint)})
 
     def train(self, *extra: str) -> list[str]:
-        """`train` of GOOD with flags of its own, then `extra`."""
+        """`train` of GOOD as a --config file, then `extra`."""
         values = {k: v for k, v in GOOD.items() if k != "name"}
         return [
             "--config",
@@ -556,10 +555,10 @@ def assert_one_line(status: int, out: str, err: str, expected: list[str]) -> Non
 
 
 @pytest.fixture
-def files(tmp_path, teacher_checkpoint, pending_experiment, monkeypatch) -> Files:
+def files(tmp_path, pending_experiment, monkeypatch) -> Files:
     monkeypatch.chdir(tmp_path)  # a default output folder (runs/...) would show in the tree
     monkeypatch.setattr(run, "start_ray", lambda address: pytest.fail("bad input reached Ray"))
-    return Files(tmp_path, teacher_checkpoint, pending_experiment)
+    return Files(tmp_path, pending_experiment)
 
 
 def test_the_table_covers_the_issue():
@@ -585,8 +584,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, files, capsys):
 
 
 def test_a_read_only_storage_is_refused_before_anything_starts(files, capsys, monkeypatch):
-    """Root writes into read-only folders, so the folder's mode is also checked as another user
-    would see it (os.access answers False)."""
+    """Root may write into a read-only folder: run as root, os.access is made to answer for the
+    folder as it does for any other user."""
     folder = files.tmp / "read-only"
     folder.mkdir(mode=0o555)
     argv = files.run("--storage", str(folder / "results"))
