@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -306,3 +307,72 @@ def test_a_readable_checkpoint_resumes_silently(tmp_path, tiny, capsys):
     run = resume(lambda: Run([tiny]), tune.Checkpoint.from_directory(str(second.parent)))
     assert run.epoch == 2 and run.done
     assert capsys.readouterr().err == ""
+
+
+@pytest.fixture
+def cluster(ray_tmp, monkeypatch) -> Iterator[Any]:
+    """A Ray of three nodes on this machine: a head without CPUs (the driver's) and two workers
+    of one CPU each, so that each trial has a node of its own."""
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))  # its address file too stays private
+    cluster = Cluster(shutdown_at_exit=False)
+    try:
+        cluster.add_node(num_cpus=0)
+        for _ in range(2):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+def node_of(cluster: Any, pid: int) -> Any:
+    """The worker node whose processes started the process `pid`."""
+    import psutil
+
+    ancestors = {p.pid for p in psutil.Process(pid).parents()}
+    for node in cluster.worker_nodes:
+        pids = {info.process.pid for infos in node.all_processes.values() for info in infos}
+        if pids & ancestors:
+            return node
+    raise AssertionError(f"process {pid} runs on no worker node")
+
+
+def strike_a_node(cluster: Any, args: list[str], env: dict, struck: Path, log: Path) -> int:
+    """Run a sweep on `cluster`; once the trial folder `struck` has reported its first epoch,
+    remove the node it runs on, and add a fresh one. Returns the sweep's exit status."""
+    process = start_sweep([*args, "--address", cluster.address], env, log)
+    try:
+        wait_for(lambda: epochs_of(struck) == [1], "a first epoch", process, 600)
+        cluster.remove_node(node_of(cluster, result_lines(struck)[0]["pid"]), allow_graceful=False)
+        cluster.add_node(num_cpus=1)
+    except BaseException:
+        stop_session(process)
+        raise
+    return finish(process, timeout=600)
+
+
+@pytest.mark.faults
+def test_trials_on_a_lost_node_resume_from_their_checkpoints(cluster, teacher_checkpoint, tmp_path):
+    """Two lone trials, then two groups of two students, on the cluster; the node running
+    trial_0000, then group_0000, is removed after their first epoch."""
+    env = sweep_env(Path(os.environ["RAY_TMPDIR"]))
+    sets = ["epochs=3", "lr=[0.05]", "seed=[0, 1]"]
+    for name, folder, more in (
+        ("lone", "trial_0000", []),
+        ("groups", "group_0000", ["group_students=true", "loss=[l2, kl]"]),
+    ):
+        args = [*sweep_args(teacher_checkpoint, tmp_path, *sets, *more), "--name", name]
+        log = tmp_path / f"{name}.log"
+        struck = tmp_path / name / folder
+        assert strike_a_node(cluster, args, env, struck, log) == 0, log.read_text()[-3000:]
+
+        lines = result_lines(struck)
+        assert [line["epoch"] for line in lines].count(1) == 1  # went on from a checkpoint
+        assert lines[0]["pid"] != lines[-1]["pid"]  # in another worker
+        assert (struck / "error.txt").exists()  # the lost node counted as a failure
+        trials, epochs = results_of(tmp_path / name)
+        assert len(trials) == (2 if name == "lone" else 4)
+        assert set(trials["status"]) == {"completed"}
+        assert epochs_per_trial(epochs) == {t: [1, 2, 3] for t in trials["trial_id"]}
