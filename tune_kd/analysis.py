@@ -105,7 +105,7 @@ TRIAL_RESULTS = {
     "gpu_fraction": "float64",
     "gpu_hours": "float64",
     "teacher_test_acc": "float64",
-    "error": "object",  # the message of a trial that ended in error
+    "error": "string",  # the message of a trial that ended in error
 }
 PLANNED_FOLDER = re.compile(r"(?:trial|group)_(\d+)")
 EMPTY = pa.table({})
@@ -258,9 +258,9 @@ def last_failure(text: str) -> str:
     """The message of the last failure Tune appended to a trial's error.txt: its exception line
     (`RuntimeError: ...`), or the first line of a failure without one (a worker that died)."""
     failure = re.split(r"^Failure # \d+.*$", text, flags=re.MULTILINE)[-1]
-    lines = [line.strip() for line in failure.splitlines() if line.strip()]
-    exceptions = [line for line in lines if EXCEPTION_LINE.fullmatch(line)]
-    message = exceptions[-1] if exceptions else lines[0] if lines else "unknown error"
+    lines = [line.rstrip() for line in failure.splitlines() if line.strip()]
+    exceptions = [line for line in lines if EXCEPTION_LINE.fullmatch(line)]  # not indented
+    message = exceptions[-1] if exceptions else lines[0].strip() if lines else "unknown error"
     return message if len(message) <= 300 else message[:299] + "…"
 
 
