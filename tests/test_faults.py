@@ -237,6 +237,8 @@ def test_a_killed_driver_resumes_and_a_corrupt_checkpoint_falls_back_to_the_one_
         Path(f"{ray_tmp / 'faults.log'}.trial_0001.go").touch()
 
         wait_for(lambda: "trial_0002 hold 2" in fault_log(ray_tmp), "the hold", process, 600)
+        # Tune copies its state and results to the storage every 10 s or more: wait for it
+        wait_for(lambda: epochs_of(experiment / "trial_0002") == [1], "a copy", process, 300)
         status = analysis.main([str(experiment), "--out", str(tmp_path / "while-running")])
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)
@@ -354,10 +356,12 @@ def strike_a_node(cluster: Any, args: list[str], env: dict, struck: Path, log: P
 
 
 @pytest.mark.faults
-def test_trials_on_a_lost_node_resume_from_their_checkpoints(cluster, teacher_checkpoint, tmp_path):
+def test_trials_on_a_lost_node_resume_from_their_checkpoints(
+    cluster, teacher_checkpoint, tmp_path, ray_tmp
+):
     """Two lone trials, then two groups of two students, on the cluster; the node running
     trial_0000, then group_0000, is removed after their first epoch."""
-    env = sweep_env(Path(os.environ["RAY_TMPDIR"]))
+    env = sweep_env(ray_tmp)
     sets = ["epochs=3", "lr=[0.05]", "seed=[0, 1]"]
     for name, folder, more in (
         ("lone", "trial_0000", []),
