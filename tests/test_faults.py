@@ -198,6 +198,7 @@ def test_killed_and_raising_trials_are_retried_then_marked_and_divergence_costs_
     assert "4 planned: 1 completed, 2 diverged, 1 error" in summary
     assert "trial_0001" in summary and "injected fault at epoch 2" in summary
     assert "1 completed, 2 diverged, 1 error" in output
+    assert "error: 1 of 4 trials failed" in output
     assert "injected fault at epoch 2" in output.rsplit("per grid cell", 1)[-1]
 
 
@@ -311,13 +312,22 @@ def test_a_readable_checkpoint_resumes_silently(tmp_path, tiny, capsys):
     assert capsys.readouterr().err == ""
 
 
+# Each lost node is struck while the trial on it is held at the start of its second epoch.
+HELD = {
+    folder: {"epoch": 2, "kind": "hold", "times": 1, "wait": True}
+    for folder in ("trial_0000", "group_0000")
+}
+
+
 @pytest.fixture
 def cluster(ray_tmp, monkeypatch) -> Iterator[Any]:
     """A Ray of three nodes on this machine: a head without CPUs (the driver's) and two workers
-    of one CPU each, so that each trial has a node of its own."""
+    of one CPU each, so that each trial has a node of its own. Its workers hold `HELD`."""
     from ray.cluster_utils import Cluster
 
-    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))  # its address file too stays private
+    for key, value in sweep_env(ray_tmp, HELD).items():  # for the nodes' processes
+        if os.environ.get(key) != value:
+            monkeypatch.setenv(key, value)  # RAY_TMPDIR: its address file too stays private
     cluster = Cluster(shutdown_at_exit=False)
     try:
         cluster.add_node(num_cpus=0)
@@ -341,13 +351,30 @@ def node_of(cluster: Any, pid: int) -> Any:
     raise AssertionError(f"process {pid} runs on no worker node")
 
 
-def strike_a_node(cluster: Any, args: list[str], env: dict, struck: Path, log: Path) -> int:
-    """Run a sweep on `cluster`; once the trial folder `struck` has reported its first epoch,
-    remove the node it runs on, and add a fresh one. Returns the sweep's exit status."""
-    process = start_sweep([*args, "--address", cluster.address], env, log)
+def staged(ray_tmp: Path, name: str, folder: str) -> Path:
+    """A trial's folder where the driver writes its results first (Tune copies them to the
+    storage every 10 s or more)."""
+    found = list((ray_tmp / "ray").glob(f"session_*/artifacts/*/{name}/driver_artifacts/{folder}"))
+    return found[0] if found else ray_tmp / "not yet"
+
+
+def strike_a_node(cluster: Any, ray_tmp: Path, args: list[str], name: str, folder: str) -> int:
+    """Run a sweep on `cluster`; once the trial `folder` is held after its first epoch, remove the
+    node it runs on, and add a fresh one. Returns the sweep's exit status."""
+    env = sweep_env(ray_tmp)
+    process = start_sweep([*args, "--address", cluster.address], env, ray_tmp / f"{name}.log")
     try:
-        wait_for(lambda: epochs_of(struck) == [1], "a first epoch", process, 600)
-        cluster.remove_node(node_of(cluster, result_lines(struck)[0]["pid"]), allow_graceful=False)
+        wait_for(
+            lambda: (
+                f"{folder} hold 2" in fault_log(ray_tmp)
+                and epochs_of(staged(ray_tmp, name, folder)) == [1]
+            ),
+            "a first epoch",
+            process,
+            600,
+        )
+        pid = result_lines(staged(ray_tmp, name, folder))[0]["pid"]
+        cluster.remove_node(node_of(cluster, pid), allow_graceful=False)
         cluster.add_node(num_cpus=1)
     except BaseException:
         stop_session(process)
@@ -360,21 +387,21 @@ def test_trials_on_a_lost_node_resume_from_their_checkpoints(
     cluster, teacher_checkpoint, tmp_path, ray_tmp
 ):
     """Two lone trials, then two groups of two students, on the cluster; the node running
-    trial_0000, then group_0000, is removed after their first epoch."""
-    env = sweep_env(ray_tmp)
+    trial_0000, then group_0000, is removed while it is held after its first epoch."""
     sets = ["epochs=3", "lr=[0.05]", "seed=[0, 1]"]
     for name, folder, more in (
         ("lone", "trial_0000", []),
         ("groups", "group_0000", ["group_students=true", "loss=[l2, kl]"]),
     ):
         args = [*sweep_args(teacher_checkpoint, tmp_path, *sets, *more), "--name", name]
-        log = tmp_path / f"{name}.log"
-        struck = tmp_path / name / folder
-        assert strike_a_node(cluster, args, env, struck, log) == 0, log.read_text()[-3000:]
+        status = strike_a_node(cluster, ray_tmp, args, name, folder)
+        assert status == 0, (ray_tmp / f"{name}.log").read_text()[-3000:]
 
+        struck = tmp_path / name / folder
         lines = result_lines(struck)
-        assert [line["epoch"] for line in lines].count(1) == 1  # went on from a checkpoint
-        assert lines[0]["pid"] != lines[-1]["pid"]  # in another worker
+        assert [line["epoch"] for line in lines] == [1, 2, 3]  # went on from epoch 1's checkpoint
+        assert lines[0]["pid"] != lines[1]["pid"]  # in another worker
+        assert fault_log(ray_tmp).count(f"{folder} start 1") == 1
         assert (struck / "error.txt").exists()  # the lost node counted as a failure
         trials, epochs = results_of(tmp_path / name)
         assert len(trials) == (2 if name == "lone" else 4)
