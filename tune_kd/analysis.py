@@ -523,9 +523,7 @@ def failures(trials: pd.DataFrame) -> list[str]:
     lines = []
     for row in trials[trials["status"].eq("error")].to_dict("records"):
         labels = ", ".join(f"{k}={text(row[k])}" for k in keys)
-        lines.append(
-            f"{row['trial_id']}" + (f" ({labels})" if labels else "") + f": {row['error']}"
-        )
+        lines.append(row["trial_id"] + (f" ({labels})" if labels else "") + f": {row['error']}")
     return lines
 
 
