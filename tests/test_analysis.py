@@ -91,6 +91,30 @@ def group_line(members: dict[int, dict], position: int, seconds: float) -> dict:
     return tune_line(metrics, position, seconds)
 
 
+def tune_error(*failures: str) -> str:
+    """error.txt as Tune appends to it: each failure under a `Failure # N` header."""
+    return "".join(
+        f"Failure # {n} (occurred at 2026-11-27_09-59-4{n})\n{failure}\n"
+        for n, failure in enumerate(failures, 1)
+    )
+
+
+def traceback(line: str) -> str:
+    """A trial's exception as Tune writes it: the end of a traceback through Ray's worker."""
+    return (
+        "ray::ImplicitFunc.train() (pid=9038, ip=192.0.2.2, repr=train_trial)\n"
+        '  File "tune_kd/trainable.py", line 63, in train_trial\n'
+        "    metrics = run.train_epoch()\n"
+        f"{line}"
+    )
+
+
+ACTOR_DIED = """The actor died unexpectedly before finishing this task.
+\tclass_name: ImplicitFunc
+\tpid: 9039
+The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR"""
+
+
 def write_lines(folder: Path, lines: list[dict], cut_last: bool = False) -> None:
     text = "".join(json.dumps(line) + "\n" for line in lines)
     if cut_last:
@@ -171,7 +195,8 @@ def build_experiment(root: Path) -> Path:
             rows = engine_rows([40.0, 1.0], diverged_at=2)
         elif index == 7:
             rows = engine_rows(curve(62, epochs=2))
-            (folder / "error.txt").write_text("RuntimeError: CUDA out of memory")
+            error = traceback("RuntimeError: CUDA out of memory")
+            (folder / "error.txt").write_text(tune_error(error))
         elif index == 10:
             rows = engine_rows(curve(66))
         else:
@@ -374,6 +399,10 @@ def test_format_accuracy():
 def test_terminal_summary(cli_run):
     code, printed = cli_run
     assert code == 0
+    assert (
+        "failed trials:\n  trial_0007 (loss=kl, lr=0.01, seed=1): RuntimeError: CUDA out of memory"
+        in printed
+    )
     assert "60.00 ± n/a (n=1)" in printed and "nan" not in printed
     assert "75.00 ± 1.41 ★" in printed
     assert "2/3 †" in printed and "3/3 †" not in printed
@@ -397,6 +426,7 @@ def test_files_written_by_the_command_line(cli_run, experiment_dir):
     results = experiment_dir / "results"
     markdown = (results / "summary.md").read_text()
     assert "75.00 ± 1.41 ★" in markdown and "group_0009/result.json" in markdown
+    assert "Failed trials:\n- trial_0007 (loss=kl, lr=0.01, seed=1): RuntimeError: CUDA" in markdown
     csv = pd.read_csv(results / "summary.csv")
     assert csv.loc[csv["best"], "mean"].item() == 75.0
     assert r"75.00 $\pm$ 1.41 $\star$" in (results / "summary.tex").read_text()
@@ -501,6 +531,45 @@ def test_folder_outside_the_plan_is_reported(experiment_dir, tmp_path):
     experiment = analysis.load_experiment(str(root))
     assert "trial_0099 matches no planned trial: ignored" in experiment.problems
     assert len(experiment.trials) == 12
+
+
+def test_the_error_of_a_failed_trial_is_its_last_failures_message(experiment):
+    errors = experiment.trials.set_index("trial_id")["error"]
+    assert errors["trial_0007"] == "RuntimeError: CUDA out of memory"
+    assert errors.drop("trial_0007").isna().all()  # only trials that ended in error have one
+
+
+@pytest.mark.parametrize(
+    "failures, message",
+    [
+        (
+            [
+                traceback("RuntimeError: injected fault at epoch 2"),
+                traceback("ValueError: a, b: c"),
+            ],
+            "ValueError: a, b: c",
+        ),
+        ([traceback("RuntimeError: first"), ACTOR_DIED], ACTOR_DIED.splitlines()[0]),
+        (
+            [traceback("ray.exceptions.RayTaskError(RuntimeError): boom\nRuntimeError: boom")],
+            "RuntimeError: boom",
+        ),
+        (["x" * 400], "x" * 299 + "…"),
+    ],
+)
+def test_last_failure_of_an_error_file(failures, message):
+    assert analysis.last_failure(tune_error(*failures)) == message
+
+
+def test_a_trial_retried_after_a_failure_has_no_error(tmp_path):
+    """error.txt stays after a retry that then finished: the trial is completed, without error."""
+    root = tmp_path / "retried"
+    write_plan(root, [plan_trial(0, {"loss": "l2", "lr": 0.01, "seed": 0})], [[0]])
+    rows = engine_rows(curve(70))
+    write_lines(root / "trial_0000", [tune_line(r, 0, 60) for r in rows])
+    (root / "trial_0000" / "error.txt").write_text(tune_error(ACTOR_DIED))
+    trials = analysis.load_experiment(str(root)).trials
+    assert list(trials["status"]) == ["completed"] and trials["error"].isna().all()
 
 
 def test_an_epoch_reported_twice_keeps_its_last_report():

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import multiprocessing
 import os
 import pickle
 import re
 import struct
+import tarfile
 import threading
 import time
 import urllib.error
 import warnings
 from pathlib import Path
+from typing import Any
 
 import filelock
 import numpy as np
@@ -156,9 +160,89 @@ def test_read_cifar_refuses_pickles_that_would_run_code(tmp_path):
     evil = {b"data": _RunsCommand(f"touch {marker}"), b"labels": [0]}
     (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps(evil, protocol=4))
 
-    with pytest.raises(pickle.UnpicklingError, match=r"refusing to load \w+\.system"):
+    with pytest.raises(
+        data.DatasetUnavailable, match=r"test_batch is .*refusing to load \w+\.system"
+    ):
         data.read_cifar("cifar10", tmp_path)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda blob: blob[: len(blob) // 2],  # cut off by a full disk
+        lambda blob: b"",
+        lambda blob: blob[:40] + bytes(64) + blob[104:],  # overwritten in the middle
+    ],
+    ids=["truncated", "empty", "corrupt"],
+)
+def test_a_damaged_file_is_one_line_naming_it(tmp_path, damage):
+    write_cifar(tmp_path, "cifar10", per_file=2, protocol=4)
+    damaged = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    damaged.write_bytes(damage(damaged.read_bytes()))
+    with pytest.raises(data.DatasetUnavailable) as info:
+        data.load("cifar10", tmp_path, download=False)
+    message = str(info.value)
+    assert message.startswith(f"{damaged} is unreadable (") and "\n" not in message
+    assert "delete it to download the dataset again" in message
+
+
+def prepare_in_process(root: Path, archive: Path, calls: Path, start: Any, digests: Any) -> None:
+    """One trial preparing CIFAR-10 in `root`: the download is the copy of `archive` (slow, so
+    that the others arrive while it runs), each logged in `calls`."""
+
+    def download(url, download_root, extract_root=None, filename=None, md5=None):
+        with calls.open("a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(1.0)
+        with tarfile.open(archive) as tar:
+            tar.extractall(extract_root, filter="data")
+
+    torchvision.datasets.utils.download_and_extract_archive = download
+    start.wait()
+    arrays = data.load("cifar10", root)
+    digests.put(image_digest(arrays))
+
+
+def image_digest(arrays: data.Arrays) -> str:
+    parts = (arrays.train_images, arrays.train_labels, arrays.eval_images, arrays.eval_labels)
+    return hashlib.sha256(b"".join(p.tobytes() for p in parts)).hexdigest()
+
+
+FOLDER = LAYOUT["cifar10"][1]
+
+
+def test_four_processes_preparing_one_folder_download_once_and_read_the_same(tmp_path):
+    source = tmp_path / "source"
+    write_cifar(source, "cifar10", per_file=3)
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(source / FOLDER, arcname=FOLDER)
+    expected = image_digest(data.read_cifar("cifar10", source))
+
+    context = multiprocessing.get_context("fork")
+    start, digests, calls = context.Barrier(4), context.Queue(), tmp_path / "calls"
+    root = tmp_path / "data"
+    processes = [
+        context.Process(target=prepare_in_process, args=(root, archive, calls, start, digests))
+        for _ in range(4)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        results = [digests.get(timeout=120) for _ in processes]
+    finally:
+        for process in processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+    assert [p.exitcode for p in processes] == [0] * 4
+    assert results == [expected] * 4
+    assert len(calls.read_text().splitlines()) == 1
+    assert sorted(p.name for p in root.iterdir()) == [
+        "cifar-10-batches-py",
+        "cifar-10-batches-py.lock",
+    ]
 
 
 def test_missing_files_without_download_raise_one_line_naming_where(tmp_path, monkeypatch):

@@ -12,7 +12,8 @@ trial folders (`result.json`: one JSON line per epoch) -> `epochs_frame` and `tr
 `summarize` -> tables and plots. A trial's status:
 
 - `pending`: no folder and no entry in Tune's runner state;
-- `error`: Tune says ERROR, or (without a runner state) `error.txt` and not all epochs done;
+- `error`: Tune says ERROR, or (without a runner state) `error.txt` and not all epochs done; its
+  last failure's message (from `error.txt`) is in the `error` column and the summary;
 - `diverged`: its last result says `diverged`;
 - `completed`: every planned epoch done, or Tune says TERMINATED (an ASHA stop included);
 - `running`: anything else, also the unfinished trials of an interrupted experiment.
@@ -105,6 +106,7 @@ TRIAL_RESULTS = {
     "gpu_fraction": "float64",
     "gpu_hours": "float64",
     "teacher_test_acc": "float64",
+    "error": "string",  # the message of a trial that ended in error
 }
 PLANNED_FOLDER = re.compile(r"(?:trial|group)_(\d+)")
 EMPTY = pa.table({})
@@ -126,7 +128,7 @@ class TrialRun:
     epochs_planned: int | None = None
     folder: str | None = None  # the Tune folder holding it; None: never started
     state: str | None = None  # Tune's status in its runner state, when recorded
-    errored: bool = False  # error.txt in its folder
+    error: str | None = None  # the last failure in its folder's error.txt, if any
     group_size: int = 1  # students trained in the same Ray trial
     wall_seconds: float | None = None  # of its Ray trial
     # one row per epoch: what the trainable reported, and time_total_s
@@ -142,6 +144,7 @@ class Folder:
     results: pa.Table
     params: dict[str, Any]
     problems: list[str]
+    error: str | None = None  # the last failure's message in error.txt
 
 
 @dataclass
@@ -246,7 +249,23 @@ def read_folder(storage: Storage, name: str) -> Folder:
             params = json.loads(storage.read(name, "params.json"))
         except ValueError:
             problems.append(f"{name}/params.json is unreadable")
-    return Folder(name, files, results, params, problems)
+    error = None
+    if "error.txt" in files:
+        error = last_failure(storage.read(name, "error.txt").decode(errors="replace"))
+    return Folder(name, files, results, params, problems, error)
+
+
+EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(?:\([\w.]+\))?: \S.*")
+
+
+def last_failure(text: str) -> str:
+    """The message of the last failure Tune appended to a trial's error.txt: its exception line
+    (`RuntimeError: ...`), or the first line of a failure without one (a worker that died)."""
+    failure = re.split(r"^Failure # \d+.*$", text, flags=re.MULTILINE)[-1]
+    lines = [line.rstrip() for line in failure.splitlines() if line.strip()]
+    exceptions = [line for line in lines if EXCEPTION_LINE.fullmatch(line)]  # not indented
+    message = exceptions[-1] if exceptions else lines[0].strip() if lines else "unknown error"
+    return message if len(message) <= 300 else message[:299] + "…"
 
 
 def parse_results(data: bytes) -> tuple[pa.Table, list[int]]:
@@ -343,7 +362,7 @@ def fill_runs(runs: Sequence[TrialRun], folder: Folder | None, state: Mapping | 
     for run in runs:
         run.folder = folder.name if folder else None
         run.state = state.get("status") if state else None
-        run.errored = bool(folder and "error.txt" in folder.files)
+        run.error = folder.error if folder else None
         run.group_size = len(runs)
         run.wall_seconds = last(results, "time_total_s")
         metrics = member_metrics(results, run.trial_id) if len(runs) > 1 else results
@@ -408,15 +427,17 @@ def trials_frame(runs: Sequence[TrialRun], gpu_fraction: float) -> pd.DataFrame:
 def trial_record(run: TrialRun, gpu_fraction: float) -> dict[str, Any]:
     results = epoch_results(run.metrics)
     wall = run.wall_seconds
+    status = trial_status(run, results["epochs_done"], results.pop("diverged"))
     return {
         "trial_id": run.trial_id,
-        "status": trial_status(run, results["epochs_done"], results.pop("diverged")),
+        "status": status,
         **run.labels,
         **results,
         "epochs_planned": run.epochs_planned,
         "wall_seconds": wall,
         "gpu_fraction": gpu_fraction,
         "gpu_hours": None if wall is None else wall * gpu_fraction / 3600 / run.group_size,
+        "error": (run.error or "unknown error") if status == "error" else None,
     }
 
 
@@ -460,7 +481,7 @@ def last(metrics: pa.Table, key: str) -> Any:
 def trial_status(run: TrialRun, epochs_done: int, diverged: bool) -> str:
     """completed, diverged, error, running or pending: the rules are in the module docstring."""
     finished = run.epochs_planned is not None and epochs_done >= run.epochs_planned
-    if run.state == "ERROR" or (run.errored and run.state is None and not finished):
+    if run.state == "ERROR" or (run.error and run.state is None and not finished):
         return "error"
     if diverged:
         return "diverged"
@@ -486,10 +507,28 @@ def label_column(values: list) -> pd.Series:
 # ----------------------------------------------------------------------------- summary
 
 
+def label_keys(trials: pd.DataFrame) -> list[str]:
+    return [c for c in trials.columns if c not in ("trial_id", "status", *TRIAL_RESULTS)]
+
+
 def cell_keys(trials: pd.DataFrame) -> list[str]:
     """The columns that name a grid cell: every label but the seed (context keys only where set)."""
-    labels = [c for c in trials.columns if c not in ("trial_id", "status", *TRIAL_RESULTS)]
-    return [c for c in labels if c != "seed" and not (c in CONTEXT_KEYS and trials[c].isna().all())]
+    return [
+        c
+        for c in label_keys(trials)
+        if c != "seed" and not (c in CONTEXT_KEYS and trials[c].isna().all())
+    ]
+
+
+def failures(trials: pd.DataFrame) -> list[str]:
+    """`trial_0001 (lr=0.05, seed=1): RuntimeError: ...` for every trial that ended in error,
+    with the labels that tell the trials apart."""
+    keys = [k for k in label_keys(trials) if trials[k].nunique(dropna=False) > 1]
+    lines = []
+    for row in trials[trials["status"].eq("error")].to_dict("records"):
+        labels = ", ".join(f"{k}={text(row[k])}" for k in keys)
+        lines.append(row["trial_id"] + (f" ({labels})" if labels else "") + f": {row['error']}")
+    return lines
 
 
 def cell_stats(trials: pd.DataFrame, column: str) -> pd.DataFrame:
@@ -704,14 +743,21 @@ def aligned(table: pd.DataFrame) -> str:
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in lines)
 
 
-def format_summary(summary: pd.DataFrame, metric: str = "best", files: Sequence[str] = ()) -> str:
-    """The terminal summary: the cells' table, the trials in each status, where the files are."""
+def format_summary(
+    summary: pd.DataFrame,
+    metric: str = "best",
+    files: Sequence[str] = (),
+    failed: Sequence[str] = (),
+) -> str:
+    """The terminal summary: the cells' table, the trials in each status, the errors of the failed
+    ones (`failures`), where the files are."""
     lines = [
         f"{METRIC_NAMES[metric]} per grid cell: mean ± std over completed trials",
         aligned(display_table(summary, metric)),
         LEGEND,
         shared_line(summary),
         status_line(summary),
+        *(["failed trials:", *(f"  {line}" for line in failed)] if failed else []),
     ]
     if files:
         folder = files[0].rsplit("/", 1)[0]
@@ -720,7 +766,11 @@ def format_summary(summary: pd.DataFrame, metric: str = "best", files: Sequence[
 
 
 def summary_markdown(
-    summary: pd.DataFrame, metric: str, title: str, problems: Sequence[str]
+    summary: pd.DataFrame,
+    metric: str,
+    title: str,
+    problems: Sequence[str],
+    failed: Sequence[str] = (),
 ) -> str:
     table = display_table(summary, metric)
     rows = [table.columns, *table.itertuples(index=False)]
@@ -729,7 +779,8 @@ def summary_markdown(
     header = [f"# {title}", "", f"{METRIC_NAMES[metric]}: mean ± std over completed trials.", ""]
     notes = [LEGEND + ".", shared_line(summary), status_line(summary) + "."]
     footer = [line for note in notes if note for line in ("", note)]
-    listed = ["", "Problems:", *(f"- {p}" for p in problems)] if problems else []
+    listed = ["", "Failed trials:", *(f"- {f}" for f in failed)] if failed else []
+    listed += ["", "Problems:", *(f"- {p}" for p in problems)] if problems else []
     return "\n".join(header + lines + footer + listed) + "\n"
 
 
@@ -970,6 +1021,10 @@ class Report:
     metric: str
     files: list[str]  # what was written, as paths or URIs
 
+    @property
+    def failures(self) -> list[str]:
+        return failures(self.experiment.trials)
+
 
 def write_report(location: str, out: str | None = None, metric: str = "best") -> Report:
     """Read the experiment at `location` and write every table and plot into `out` (default
@@ -990,7 +1045,9 @@ def write_files(experiment: Experiment, summary: pd.DataFrame, metric: str, out:
     contents = {
         "trials.parquet": parquet_bytes(experiment.trials),
         "epochs.parquet": parquet_bytes(experiment.epochs),
-        "summary.md": summary_markdown(summary, metric, experiment.name, experiment.problems),
+        "summary.md": summary_markdown(
+            summary, metric, experiment.name, experiment.problems, failures(experiment.trials)
+        ),
         "summary.csv": summary.to_csv(index=False),
         "summary.tex": summary_tex(summary, metric),
     }
@@ -1038,7 +1095,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = write_report(args.experiment, args.out, args.metric)
     except ExperimentError as error:
         return cli.fail(error)
-    print(format_summary(report.summary, args.metric, report.files))
+    print(format_summary(report.summary, args.metric, report.files, report.failures))
     return 0
 
 

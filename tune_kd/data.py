@@ -72,7 +72,7 @@ class Arrays:
 
 
 class DatasetUnavailable(RuntimeError):
-    """The dataset's files are not on disk and could not be downloaded."""
+    """The dataset's files are not on disk and could not be downloaded, or one cannot be read."""
 
 
 # --------------------------------------------------------------------------- CIFAR on disk
@@ -171,29 +171,35 @@ class _CifarUnpickler(pickle.Unpickler):
 
 def _unpickle(path: Path) -> dict[str, object]:
     with open(path, "rb") as f:
-        try:
-            # latin1, as torchvision: the originals are Python 2 pickles with str keys and arrays.
-            entry = _CifarUnpickler(f, encoding="latin1").load()
-        except pickle.UnpicklingError as err:
-            raise pickle.UnpicklingError(f"{path}: {err}") from None
+        # latin1, as torchvision: the originals are Python 2 pickles with str keys and arrays.
+        entry = _CifarUnpickler(f, encoding="latin1").load()
     if not isinstance(entry, dict):
-        raise ValueError(f"{path}: expected a dict, got {type(entry).__name__}")
+        raise ValueError(f"expected a dict, got {type(entry).__name__}")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
+
+
+def _read_file(source: _CifarSource, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels of one CIFAR file; a file cut short or corrupt raises
+    DatasetUnavailable naming it."""
+    try:
+        entry = _unpickle(path)
+        data = np.asarray(entry["data"], dtype=np.uint8)
+        if data.ndim != 2 or data.shape[1] != 3 * _SIZE * _SIZE:
+            raise ValueError(f"data must be [N, 3072], got {list(data.shape)}")
+        labels = np.asarray(entry[source.label_key], dtype=np.int64)
+    except Exception as err:  # a cut pickle raises EOFError, UnpicklingError, KeyError, ...
+        reason = " ".join(f"{type(err).__name__}: {err}".split())
+        raise DatasetUnavailable(
+            f"{path} is unreadable ({reason}); delete it to download the dataset again"
+        ) from err
+    return data.reshape(-1, 3, _SIZE, _SIZE), labels  # rows are R, G, B planes
 
 
 def _read_split(
     source: _CifarSource, root: Path, files: tuple[str, ...]
 ) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = [], []
-    for file in files:
-        path = root / source.folder / file
-        entry = _unpickle(path)
-        data = np.asarray(entry["data"], dtype=np.uint8)
-        if data.ndim != 2 or data.shape[1] != 3 * _SIZE * _SIZE:
-            raise ValueError(f"{path}: data must be [N, 3072], got {list(data.shape)}")
-        images.append(data.reshape(-1, 3, _SIZE, _SIZE))  # rows are R, G, B planes
-        labels.append(np.asarray(entry[source.label_key], dtype=np.int64))
-    return np.concatenate(images), np.concatenate(labels)
+    read = [_read_file(source, root / source.folder / file) for file in files]
+    return np.concatenate([r[0] for r in read]), np.concatenate([r[1] for r in read])
 
 
 def read_cifar(name: str, data_dir: str | Path) -> Arrays:

@@ -481,7 +481,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_plan(storage, name, space, space_text, overrides, launcher.resources)
         results = launcher.tuner(space, name, teachers).fit()
     cache_finished_teachers(space, storage, results)
-    report_results(storage, name)
+    failed = report_results(storage, name).experiment.trials["status"].eq("error").sum()
+    if failed:
+        print(f"error: {failed} of {space.planned} trials failed", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -495,13 +498,14 @@ def cache_finished_teachers(space: Space, storage: Storage, results: Any) -> Non
             storage.write(weights, *teacher_parts(need))
 
 
-def report_results(storage: Storage, name: str) -> None:
-    """The tables and plots of the experiment, and where they are."""
+def report_results(storage: Storage, name: str) -> Any:
+    """The tables and plots of the experiment, and where they are; the `analysis.Report`."""
     from tune_kd import analysis
 
     report = analysis.write_report(storage.uri_of(name))
     print()
-    print(analysis.format_summary(report.summary, report.metric, report.files))
+    print(analysis.format_summary(report.summary, report.metric, report.files, report.failures))
+    return report
 
 
 if __name__ == "__main__":

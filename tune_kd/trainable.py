@@ -2,13 +2,15 @@
 of students sharing the teacher's pass), reporting once per epoch with a checkpoint.
 
 The dataset and the teachers' weights arrive through Ray's object store (`tune.with_parameters`),
-loaded once by the driver; a retried trial resumes from its last checkpoint.
+loaded once by the driver; a retried trial resumes from its last checkpoint, or from the one before
+(Tune keeps two) when the last cannot be read, or else starts over, saying so in one line.
 """
 
 from __future__ import annotations
 
+import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +56,12 @@ def train_trial(
     configs = [Config.from_dict(m["config"]) for m in members]
     first = configs[0]
     teacher = teachers.get(first.teacher_checkpoint or "")
-    run = Run(configs, data=data[first.data_key], teacher_state=teacher)
+
+    def new_run() -> Run:
+        return Run(configs, data=data[first.data_key], teacher_state=teacher)
+
     checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            run.load(Path(folder) / RUN_STATE)
+    run = new_run() if checkpoint is None else resume(new_run, checkpoint)
     while not run.done:
         metrics = run.train_epoch()
         with tempfile.TemporaryDirectory() as folder:
@@ -69,6 +72,51 @@ def train_trial(
             tune.report(
                 trial_metrics(metrics, members), checkpoint=tune.Checkpoint.from_directory(folder)
             )
+
+
+def resume(new_run: Callable[[], Run], checkpoint: tune.Checkpoint) -> Run:
+    """A run continued from `checkpoint`, or from the newest earlier checkpoint beside it that can
+    be read (a file cut off by a full disk or a lost node); from the start when none can."""
+    run = new_run()
+    unreadable = []
+    for candidate in [checkpoint, *earlier_checkpoints(checkpoint)]:
+        try:
+            with candidate.as_directory() as folder:
+                run.load(Path(folder) / RUN_STATE)
+        except Exception as error:  # a cut or corrupt file: torch and zip raise many kinds
+            reason = str(error).splitlines()[0] if str(error) else ""
+            unreadable.append(f"{name_of(candidate)} ({type(error).__name__}: {reason})")
+            continue
+        if unreadable:
+            say(f"resuming from {name_of(candidate)}, epoch {run.epoch}", unreadable)
+        return run
+    say("starting over from epoch 0", unreadable)
+    return new_run()  # a failed load may have changed part of the state
+
+
+def earlier_checkpoints(checkpoint: tune.Checkpoint) -> list[tune.Checkpoint]:
+    """The trial's other checkpoints older than `checkpoint`, newest first."""
+    from pyarrow.fs import FileSelector, FileType
+
+    parent, name = checkpoint.path.rstrip("/").rsplit("/", 1)
+    entries = checkpoint.filesystem.get_file_info(FileSelector(parent))
+    older = [
+        e.path
+        for e in entries
+        if e.type == FileType.Directory
+        and e.base_name.startswith("checkpoint_")
+        and e.base_name < name
+    ]
+    return [tune.Checkpoint(p, checkpoint.filesystem) for p in sorted(older, reverse=True)]
+
+
+def name_of(checkpoint: tune.Checkpoint) -> str:
+    return checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def say(outcome: str, unreadable: Sequence[str]) -> None:
+    """One line in the trial's log (Ray keeps it in the worker's log file)."""
+    print(f"unreadable checkpoint {'; '.join(unreadable)}: {outcome}", file=sys.stderr, flush=True)
 
 
 def trial_metrics(
