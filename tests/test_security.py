@@ -118,7 +118,8 @@ def test_resuming_a_run_from_a_crafted_checkpoint_is_refused(tmp_path, marker, c
 
 
 def test_a_retried_trial_refuses_a_crafted_checkpoint(tmp_path, marker, monkeypatch):
-    """Tune hands a retried trial its last checkpoint folder: its run state is never executed."""
+    """Tune hands a retried trial its last checkpoint folder: its run state is never executed,
+    and the trial starts over as from an unreadable checkpoint."""
     from ray import tune
 
     from tune_kd import trainable
@@ -126,16 +127,18 @@ def test_a_retried_trial_refuses_a_crafted_checkpoint(tmp_path, marker, monkeypa
     folder = tmp_path / "checkpoint_000000"
     crafted_checkpoint(folder / trainable.RUN_STATE, marker)
     monkeypatch.setattr(tune, "get_checkpoint", lambda: tune.Checkpoint.from_directory(folder))
+    reported = []
+    monkeypatch.setattr(tune, "report", lambda metrics, checkpoint: reported.append(metrics))
     config = Config.from_dict(STUDENT)
     member = {"index": 0, "axes": {}, "config": config.to_dict()}
-    with pytest.raises(pickle.UnpicklingError):
-        trainable.train_trial(
-            {"index": 0},
-            plan=[[member]],
-            base={},
-            data={config.data_key: train.load_data(config)},
-            teachers={},
-        )
+    trainable.train_trial(
+        {"index": 0},
+        plan=[[member]],
+        base={},
+        data={config.data_key: train.load_data(config)},
+        teachers={},
+    )
+    assert [m["epoch"] for m in reported] == [1]
     assert not marker.exists()
 
 

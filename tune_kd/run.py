@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import json
 import os
-import pickle
 import sys
 import tempfile
 import time
@@ -457,8 +456,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(describe_plan(space))
             return 0
         data = load_datasets(space)
-    except (SpaceError, ConfigError, datasets.DatasetUnavailable, pickle.UnpicklingError) as error:
-        return cli.fail(error)  # an unpickling error: a CIFAR file that is not plain data
+    except (SpaceError, ConfigError, datasets.DatasetUnavailable) as error:
+        return cli.fail(error)
     local = start_ray(args.address)
     launcher = Launcher(
         storage,

@@ -592,8 +592,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         checkpoint = out / "checkpoint.pt"
         if args.resume:
             resume(run, checkpoint)
-    except (ValueError, datasets.DatasetUnavailable, pickle.UnpicklingError) as error:
-        return cli.fail(error)  # an unpickling error: a CIFAR file that is not plain data
+    except (ValueError, datasets.DatasetUnavailable) as error:
+        return cli.fail(error)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     teacher = f", teacher {run.teacher_test_acc:.2f}%" if run.teacher_test_acc is not None else ""
