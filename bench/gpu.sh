@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
 # The GPU measurements of docs/PERFORMANCE.md in one prepared run of at most 8 minutes:
+# first a group of students sharing the teacher's pass, alone / one after another / fused into one
+# model (WRN-40-2 -> 15 ResNet-8x4, ResNet-32x4 -> 15 ResNet-8x4, ResNet-32x4 -> 6 MobileNetV2x2,
+# with each path's peak memory), and the study's first grid through `python -m tune_kd.run` on
+# CIFAR-sized synthetic data for a few epochs (where Ray is installed); then
 # ResNet-32x4 -> ResNet-8x4 SimKD epochs on 50,000 CIFAR-sized images along the ladder
 # reference -> on-device data -> bf16 + channels_last -> whole step as one CUDA graph (and
 # torch.compile's modes for comparison), then the aggregate throughput of 1, 2, 4 and 8 trials
@@ -9,6 +13,7 @@
 # finish inside the 8 minutes is skipped and says so.
 #
 #   bash bench/gpu.sh              # on a machine with a GPU
+#   ONLY="fused-wrn fused-r32 fused-mbv2 sweep" bash bench/gpu.sh     # the fused groups alone
 #   PYTHON=.venv/bin/python DEVICE=cpu TRAIN=128 TEST=128 PACKED="1 2" PACKED_TRAIN=128 bash bench/gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +26,8 @@ PACKED_TRAIN=${PACKED_TRAIN:-25600}
 PYTHON=${PYTHON:-python3}
 BUDGET=${BUDGET:-470}  # seconds
 ONLY=${ONLY:-}  # run only these steps (names as below, space-separated)
+GROUP_TRAIN=${GROUP_TRAIN:-25600}
+SWEEP_EPOCHS=${SWEEP_EPOCHS:-3}
 mkdir -p "$OUT"
 JSON="$OUT/gpu.jsonl"
 : > "$JSON"
@@ -60,6 +67,28 @@ packed() {  # k trials at once, started together once each has finished its warm
   wait "${pids[@]}"  # (a bare wait would also wait for the log's tee)
 }
 
+sweep() {  # the study's first grid through the product, on CIFAR-sized synthetic data
+  wanted sweep || return 0
+  fits 200 sweep || return 0
+  "$PYTHON" -c "import ray" 2>/dev/null || { echo "!! sweep skipped: Ray is not installed"; return 0; }
+  echo "== sweep ($SECONDS s)"
+  local teacher="$OUT/teachers/resnet38x2_vanilla/ckpt_epoch_240.pth" start=$SECONDS
+  "$PYTHON" -c "import sys, torch; from tune_kd import models; from pathlib import Path; \
+p = Path(sys.argv[1]); p.parent.mkdir(parents=True, exist_ok=True); \
+torch.save({'model': models.create('resnet38x2', 100).state_dict()}, p)" "$teacher"
+  timeout 200 "$PYTHON" -m tune_kd.run --space search_spaces/study_losses.yaml \
+    --storage "$PWD/$OUT/sweep" --name study-losses --set dataset=synthetic \
+    --set synthetic_classes=100 --set synthetic_train_size=50000 --set synthetic_test_size=10000 \
+    --set epochs="$SWEEP_EPOCHS" --set "teacher_checkpoints.resnet38x2=$PWD/$teacher" > "$OUT/sweep.log" 2>&1 \
+    || echo "!! sweep stopped (limit 200 s or error; see $OUT/sweep.log)"
+  echo "{\"wall_seconds\": $(( SECONDS - start )), \"epochs\": $SWEEP_EPOCHS}" > "$OUT/sweep.json"
+}
+
+GROUP=(--paths ours --precision bf16 --cuda-graphs --train-size "$GROUP_TRAIN" --test-size 1000 --rounds 3)
+step fused-wrn 150 --teacher resnet38x2 --group 15 "${GROUP[@]}"
+step fused-r32 150 --teacher resnet32x4 --group 15 "${GROUP[@]}"
+step fused-mbv2 150 --teacher resnet32x4 --student MobileNetV2_1_0 --group 6 "${GROUP[@]}"
+sweep
 EPOCH=(--train-size "$TRAIN" --test-size "$TEST")
 step device-bf16-cl 60 "${EPOCH[@]}" --paths ours --epochs 2 --precision bf16
 step reference 90 "${EPOCH[@]}" --paths reference --epochs 1
@@ -72,4 +101,4 @@ step cuda-graphs 170 "${EPOCH[@]}" --paths ours --epochs 2 --precision bf16 --co
 step compiled 120 "${EPOCH[@]}" --paths ours --epochs 2 --precision bf16 --compile default
 
 echo "== summary ($SECONDS s)"
-"$PYTHON" bench/gpu_summary.py "$JSON"
+"$PYTHON" bench/gpu_summary.py "$JSON" "$OUT"

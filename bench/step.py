@@ -1,7 +1,8 @@
 """Training throughput of SimKD at batch 64: this project's path against a reference-style path.
 
     python bench/step.py                        # ours vs reference, ResNet-32x4 -> ResNet-8x4
-    python bench/step.py --teacher resnet38x2 --group 15 --paths ours   # + 15 sharing a teacher
+    python bench/step.py --teacher resnet38x2 --group 15 --paths ours   # + 15 sharing a teacher,
+                                                # one after another and as one fused model
     python bench/step.py --device cuda --train-size 50000 --compile reduce-overhead
 
 The reference path is written here the way the RepDistiller / official SimKD code feeds a GPU: a
@@ -154,7 +155,7 @@ def reference_epochs(args: argparse.Namespace, arrays: Arrays, device: torch.dev
 # ----------------------------------------------------------------------------- ours
 
 
-def student_configs(args: argparse.Namespace, group: int) -> list[dict]:
+def student_configs(args: argparse.Namespace, group: int, fuse: bool = True) -> list[dict]:
     """`group` student-side cells of the study's first grid (loss x lr), one seed."""
     cells = [
         (loss, lr) for loss in ("l2", "cosine", "kl") for lr in (0.001, 0.005, 0.01, 0.05, 0.1)
@@ -172,14 +173,15 @@ def student_configs(args: argparse.Namespace, group: int) -> list[dict]:
         "epochs": args.epochs,
         "lr_decay_epochs": [],
         "seed": 0,
+        "fuse_students": fuse,
     }
     return [{**base, "loss": loss, "lr": lr} for loss, lr in cells[:group]]
 
 
-def our_run(args: argparse.Namespace, arrays: Arrays, group: int) -> Run:
+def our_run(args: argparse.Namespace, arrays: Arrays, group: int, fuse: bool = True) -> Run:
     torch.manual_seed(0)  # the same teacher in every process and path
     teacher_state = models.create(args.teacher).state_dict()
-    return Run(student_configs(args, group), data=arrays, teacher_state=teacher_state)
+    return Run(student_configs(args, group, fuse), data=arrays, teacher_state=teacher_state)
 
 
 def our_epochs(args: argparse.Namespace, arrays: Arrays, group: int) -> list[dict]:
@@ -205,18 +207,42 @@ def our_epochs(args: argparse.Namespace, arrays: Arrays, group: int) -> list[dic
 
 
 def group_rounds(args: argparse.Namespace, arrays: Arrays) -> list[dict]:
-    """Teacher sharing: training epochs of one student and of a group, interleaved round by round
-    so that a shared, noisy machine slows both alike; the ratio of the medians is the speed-up."""
-    single, group = our_run(args, arrays, 1), our_run(args, arrays, args.group)
+    """Teacher sharing: training epochs of one student, of a group trained one student after
+    another, and of the same group as one fused model, interleaved round by round so that a
+    shared, noisy machine slows all alike; the ratios of the medians are the speed-ups. On a GPU,
+    each path's peak memory: what its run holds, plus the most its warm-up epoch added."""
+    device = torch.device(args.device)
+    paths = {
+        "ours": lambda: our_run(args, arrays, 1),
+        f"ours x{args.group} seq": lambda: our_run(args, arrays, args.group, fuse=False),
+        f"ours x{args.group} fused": lambda: our_run(args, arrays, args.group),
+    }
+    runs, memory = {}, {}
+    for label, build in paths.items():
+        before = allocated(device)
+        runs[label] = build()
+        memory[label] = allocated(device) - before
     images = len(arrays.train_labels)
     rows = []
     for epoch in range(1, args.rounds + 2):  # the first round warms up
-        for run, label in ((single, "ours"), (group, f"ours x{args.group}")):
+        for label, run in runs.items():
+            if device.type == "cuda" and epoch == 1:
+                torch.cuda.reset_peak_memory_stats(device)
+            before = allocated(device)
             seconds = train_one_epoch(run, epoch)
+            if epoch == 1 and device.type == "cuda":
+                memory[label] += torch.cuda.max_memory_allocated(device) - before
             if epoch > 1:
                 students = len(run.members)
-                rows.append(epoch_row(label, epoch, images, seconds, seconds, students))
+                row = epoch_row(label, epoch, images, seconds, seconds, students)
+                if device.type == "cuda":
+                    row["peak_memory_gib"] = memory[label] / 2**30
+                rows.append(row)
     return rows
+
+
+def allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
 def epoch_row(
@@ -301,13 +327,13 @@ def print_table(rows: list[dict]) -> None:
     for row in timed:
         speeds.setdefault(row["path"], []).append(row["student_images_per_second"])
     median = {path: statistics.median(values) for path, values in speeds.items()}
-    print(f"{'path':<10} {'epochs':>6} {'student img/s':>14} {'x reference':>11} {'x ours':>7}")
+    print(f"{'path':<16} {'epochs':>6} {'student img/s':>14} {'x reference':>11} {'x ours':>7}")
     for path, speed in median.items():
         ratios = [
             f"{speed / median[base]:.2f}" if base in median else "-"
             for base in ("reference", "ours")
         ]
-        print(f"{path:<10} {len(speeds[path]):>6} {speed:>14.0f} {ratios[0]:>11} {ratios[1]:>7}")
+        print(f"{path:<16} {len(speeds[path]):>6} {speed:>14.0f} {ratios[0]:>11} {ratios[1]:>7}")
 
 
 if __name__ == "__main__":

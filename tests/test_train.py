@@ -214,7 +214,7 @@ def test_a_space_file_of_one_trial_is_a_configuration(tiny, tmp_path, capsys):
     ("args", "message"),
     [
         (["--lr", "-1"], "key 'lr': expected a value > 0"),
-        (["--set", "studnet=resnet8"], "key 'studnet': unknown key; did you mean student?"),
+        (["--set", "studnet=resnet8"], "key 'studnet': unknown key; did you mean student"),
         (["--teacher-checkpoint", "/nowhere/resnet14_vanilla/ckpt.pth"], "/nowhere"),
     ],
 )

@@ -42,6 +42,7 @@ EXECUTION_KEYS = (
     "channels_last",
     "compile",
     "eval_batch_size",
+    "fuse_students",
 )
 
 # Keys that choose the data a run trains and evaluates on.
@@ -163,6 +164,11 @@ class Config:
         True, "replay each full training step as one captured CUDA graph (CUDA only)"
     )
     eval_batch_size: int = _opt(1000, "batch size of evaluation", low=1)
+    fuse_students: bool = _opt(
+        True,
+        "train a group's students of one architecture and projector as one fused model "
+        "(grouped convolutions; not with compile)",
+    )
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Config:
@@ -240,8 +246,11 @@ def resolve(config: Config) -> Config:
         changes["precision"] = "bf16" if on_cuda else "fp32"
     if not on_cuda:
         changes.update(compile="off", channels_last=False, cuda_graphs=False)
-    elif config.compile == "reduce-overhead":  # torch.compile captures its own graphs
-        changes["cuda_graphs"] = False
+    else:
+        if config.compile == "reduce-overhead":  # torch.compile captures its own graphs
+            changes["cuda_graphs"] = False
+        if config.compile != "off":  # compiled students run one after another
+            changes["fuse_students"] = False
     return dataclasses.replace(config, **changes)
 
 

@@ -1,20 +1,37 @@
-"""How much compute a plan needs: FLOPs of one training step, counted, and GPU-hours, estimated."""
+"""How much compute a plan needs: FLOPs of one training step, counted, and GPU-hours, estimated
+from throughput measured on one H100.
+
+At batch 64 a GPU is not bound by arithmetic: a step's time is mostly each network pass's many
+small kernels, so a lighter teacher barely helps, while fusing students removes a pass per
+student. A Ray trial's time per training image is therefore modelled as the sum of its passes:
+the teacher's forward, each student's step alone, and each fused sub-group's step.
+"""
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 import torch.utils.flop_counter
 
-from tune_kd import distillers, models
+from tune_kd import distillers, fused, models
 from tune_kd.config import Config, resolve
 
-# Training throughput of one GPU in FLOPs per second (forward and backward, all models of a step):
-# ResNet-32x4 -> ResNet-8x4 SimKD at batch 64, bf16, channels_last, each step one CUDA graph,
-# measured on one H100 by bench/gpu.sh: 26,962 images/s x 3.31 GFLOP per image
-# (docs/PERFORMANCE.md). Small CIFAR networks use a modest share of the chip.
-GPU_FLOPS_PER_SECOND = 89e12
+# Seconds per training image of each pass on one H100 (bf16, channels_last, each step one CUDA
+# graph, batch 64), from three measured throughputs (docs/PERFORMANCE.md): ResNet-32x4 ->
+# ResNet-8x4 alone 26,962 images/s; WRN-40-2 (resnet38x2) -> ResNet-8x4 alone 28,965; and 15
+# ResNet-8x4 students sharing WRN-40-2's pass one after another 48,271 student-images/s. Then
+# teacher + student = 34.52 us and teacher + 15 students = 310.75 us give the student's step
+# 19.73 us and WRN-40-2's forward 14.79 us; ResNet-32x4's forward is 37.09 - 19.73 = 17.36 us.
+TEACHER_FORWARD_SECONDS = {"resnet38x2": 14.79e-6, "resnet32x4": 17.36e-6}
+STUDENT_STEP_SECONDS = {"resnet8x4": 19.73e-6}
+# A pass not measured: its FLOPs at the effective rate of the measured pass of its kind.
+TEACHER_FLOPS_PER_SECOND = 2.166e9 / 17.36e-6  # ResNet-32x4's forward, 125 TFLOP/s
+STUDENT_FLOPS_PER_SECOND = 1.084e9 / 19.73e-6  # ResNet-8x4's SimKD step, 55 TFLOP/s
+# A fused sub-group (not measured yet): never faster than one of its students alone, and its
+# students' FLOPs at the rate of the widest measured pass.
+FUSED_FLOPS_PER_SECOND = TEACHER_FLOPS_PER_SECOND
 
 DATASET_SIZES = {"cifar100": 50_000, "cifar10": 50_000}
 
@@ -26,7 +43,7 @@ def train_images(config: Config) -> int:
 
 
 @functools.cache
-def _step_flops(
+def _pass_flops(
     teacher: str | None,
     student: str,
     method: str,
@@ -34,7 +51,7 @@ def _step_flops(
     design: str,
     factor: int,
     classes: int,
-) -> float:
+) -> tuple[float, float]:
     config = resolve(
         Config(
             dataset="synthetic",
@@ -55,26 +72,62 @@ def _step_flops(
     stages = set(distiller.teacher_stages)
     with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
         out = teacher_model(images, labels, stages) if distiller.uses_teacher else None
+    teacher_flops = counter.get_total_flops() / len(images)
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
         distiller.train_step(images, labels, out).loss.backward()
-    return counter.get_total_flops() / len(images)
+    return teacher_flops, counter.get_total_flops() / len(images)
 
 
-def step_flops(config: Config) -> float:
-    """FLOPs per training image: the teacher's forward and the student's forward and backward,
-    projectors included (counted with torch's FLOP counter on a CPU forward of two images)."""
-    classes = config.num_classes
+def pass_flops(config: Config) -> tuple[float, float]:
+    """FLOPs per training image of the teacher's forward and of the student's forward and
+    backward, projectors included (counted with torch's FLOP counter on two CPU images)."""
     teacher = config.teacher if config.method != "student" else None
-    return _step_flops(
+    return _pass_flops(
         teacher,
         config.student,
         config.method,
         config.projector,
         config.projector_design,
         config.factor,
-        classes,
+        config.num_classes,
     )
 
 
-def gpu_hours(config: Config, gpu_flops_per_second: float = GPU_FLOPS_PER_SECOND) -> float:
-    """Estimated GPU-hours of one run of `config` from its FLOPs and a measured GPU throughput."""
-    return train_images(config) * config.epochs * step_flops(config) / gpu_flops_per_second / 3600
+def step_flops(config: Config) -> float:
+    """FLOPs per training image: the teacher's forward and the student's forward and backward."""
+    return sum(pass_flops(config))
+
+
+def teacher_seconds(config: Config) -> float:
+    """Seconds per training image of the teacher's forward (none for `student`)."""
+    if config.method == "student":
+        return 0.0
+    measured = TEACHER_FORWARD_SECONDS.get(config.teacher or "")
+    return measured if measured is not None else pass_flops(config)[0] / TEACHER_FLOPS_PER_SECOND
+
+
+def student_seconds(config: Config) -> float:
+    """Seconds per training image of one student's step alone."""
+    measured = STUDENT_STEP_SECONDS.get(config.student)
+    return measured if measured is not None else pass_flops(config)[1] / STUDENT_FLOPS_PER_SECOND
+
+
+def group_gpu_hours(configs: Sequence[Config], fuse: bool = True) -> float:
+    """Estimated GPU-hours of one Ray trial training `configs` together (a group of one: alone),
+    their fused sub-groups fused when `fuse` and the group's `fuse_students` allow it."""
+    first = configs[0]
+    seconds = teacher_seconds(first)
+    parts = fused.partition(configs) if fuse and first.fuse_students else [[c] for c in configs]
+    for part in parts:
+        alone = student_seconds(part[0])
+        if len(part) == 1:
+            seconds += alone
+        else:
+            work = sum(pass_flops(c)[1] for c in part) / FUSED_FLOPS_PER_SECOND
+            seconds += max(alone, work)
+    return train_images(first) * first.epochs * seconds / 3600
+
+
+def gpu_hours(config: Config) -> float:
+    """Estimated GPU-hours of one run of `config` alone."""
+    return group_gpu_hours([config])

@@ -10,13 +10,14 @@ evaluation, and owns the modules it trains. The training loop does not care whic
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from tune_kd import losses
 from tune_kd.config import Config
-from tune_kd.simkd import SimKD, classify, default_weights, stage_pairs
+from tune_kd.simkd import SimKD, align, classify, default_weights, stage_pairs
 
 
 @dataclass(frozen=True)
@@ -87,10 +88,21 @@ class Distiller(nn.Module):
         self.student = student
         self.config = config
 
+    def forward(self, images: Tensor) -> dict[str, Any]:
+        """The trainable half of a step: what `loss` reads, from this distiller's own modules only.
+        Students of one structure can therefore run it as one fused model (`tune_kd.fused`)."""
+        return {"logits": self.student(images)}
+
+    def loss(
+        self, out: dict[str, Any], labels: Tensor, teacher: TeacherOutput | None
+    ) -> StepOutput:
+        """The step's loss from `forward`'s outputs and the teacher's pass."""
+        raise NotImplementedError
+
     def train_step(
         self, images: Tensor, labels: Tensor, teacher: TeacherOutput | None
     ) -> StepOutput:
-        raise NotImplementedError
+        return self.loss(self(images), labels, teacher)
 
     def predict(self, images: Tensor) -> Tensor:
         return self.student(images)
@@ -102,21 +114,21 @@ class Distiller(nn.Module):
 class StudentOnly(Distiller):
     uses_teacher = False
 
-    def train_step(
-        self, images: Tensor, labels: Tensor, teacher: TeacherOutput | None
+    def loss(
+        self, out: dict[str, Any], labels: Tensor, teacher: TeacherOutput | None
     ) -> StepOutput:
-        logits = self.student(images)
+        logits = out["logits"]
         return StepOutput(
             self.config.ce_weight * losses.cross_entropy(logits, labels), logits, None
         )
 
 
 class KD(Distiller):
-    def train_step(
-        self, images: Tensor, labels: Tensor, teacher: TeacherOutput | None
+    def loss(
+        self, out: dict[str, Any], labels: Tensor, teacher: TeacherOutput | None
     ) -> StepOutput:
         assert teacher is not None
-        logits = self.student(images)
+        logits = out["logits"]
         kept = self._kept(teacher)
         kl = losses.kl_divergence(logits, teacher.logits, self.config.temperature)
         loss = self.config.kd_weight * losses.masked_mean(kl, kept)
@@ -155,31 +167,39 @@ class SimKDDistiller(Distiller):
         intermediate = config.intermediate_loss or ("l2" if config.loss == "kl" else config.loss)
         self.intermediate_loss = losses.FEATURE_LOSSES[intermediate]
 
-    def train_step(
-        self, images: Tensor, labels: Tensor, teacher: TeacherOutput | None
+    def forward(self, images: Tensor) -> dict[str, Any]:
+        """Each projector's output (aligned to its teacher map's size, which is all it needs of the
+        teacher), the reused classifier's logits and the student's own."""
+        features, own_logits = self.student(images, is_feat=True)
+        projected = [
+            projector.project(features[s], self.teacher.stages[t - 1].size)
+            for (s, t), projector in zip(self.pairs, self.projectors)
+        ]
+        logits = classify(projected[-1], self.teacher.classifier)
+        return {"projected": projected, "logits": logits, "own_logits": own_logits}
+
+    def loss(
+        self, out: dict[str, Any], labels: Tensor, teacher: TeacherOutput | None
     ) -> StepOutput:
         assert teacher is not None
-        features, own_logits = self.student(images, is_feat=True)
         per_sample: Tensor | int = 0
         last = len(self.pairs) - 1
-        for i, ((s, t), projector, weight) in enumerate(
-            zip(self.pairs, self.projectors, self.weights)
+        for i, ((_, t), projected, weight) in enumerate(
+            zip(self.pairs, out["projected"], self.weights)
         ):
-            projected, target, _ = projector(features[s], teacher.features[t])
+            _, target = align(projected, teacher.features[t])
             if i < last:
-                per_sample = per_sample + weight * self.intermediate_loss(projected, target)
-                continue
-            logits = classify(projected, self.teacher.classifier)
-            if self.config.loss == "kl":
-                final = losses.kl_divergence(logits, teacher.logits, self.config.temperature)
+                value = self.intermediate_loss(projected, target)
+            elif self.config.loss == "kl":
+                value = losses.kl_divergence(out["logits"], teacher.logits, self.config.temperature)
             else:
-                final = losses.FEATURE_LOSSES[self.config.loss](projected, target)
-            per_sample = per_sample + weight * final
+                value = losses.FEATURE_LOSSES[self.config.loss](projected, target)
+            per_sample = per_sample + weight * value
         kept = self._kept(teacher)
         loss = self.config.kd_weight * losses.masked_mean(per_sample, kept)
         if self.config.ce_weight:
-            loss = loss + self.config.ce_weight * losses.cross_entropy(own_logits, labels)
-        return StepOutput(loss, logits, kept)
+            loss = loss + self.config.ce_weight * losses.cross_entropy(out["own_logits"], labels)
+        return StepOutput(loss, out["logits"], kept)
 
     def predict(self, images: Tensor) -> Tensor:
         """The last projector and the teacher's classifier on student features: no teacher pass."""

@@ -288,17 +288,20 @@ def describe_plan(space: Space) -> str:
     for need in space.teachers:
         source = need.checkpoint or f"trained first (recipe {spaces.recipe_hash(need.recipe)})"
         lines.append(f"teacher {need.arch}: {source}")
+    hours, alone = plan_gpu_hours(space), plan_gpu_hours(space, grouped=False)
     lines.append(
-        f"estimated compute: {plan_gpu_hours(space):.1f} GPU-hours "
-        f"(at {cost.GPU_FLOPS_PER_SECOND / 1e12:.0f} TFLOP/s per GPU, docs/PERFORMANCE.md)"
+        f"estimated compute: {hours:.1f} GPU-hours"
+        + (f" ({alone:.1f} one trial at a time)" if hours != alone else "")
+        + " from throughput measured on one H100 (docs/PERFORMANCE.md)"
     )
     return "\n".join(lines)
 
 
-def plan_gpu_hours(space: Space) -> float:
-    """Every planned trial's estimate (an Optuna search: its samples at the base's cost), and the
-    teachers trained first."""
-    hours = sum(cost.gpu_hours(t.config) for t in space.trials)
+def plan_gpu_hours(space: Space, grouped: bool = True) -> float:
+    """Every Ray trial's estimate (an Optuna search: its samples at the base's cost), and the
+    teachers trained first. `grouped=False`: every trial alone."""
+    packed = spaces.groups(space) if grouped else [[t] for t in space.trials]
+    hours = sum(cost.group_gpu_hours([t.config for t in group]) for group in packed)
     if space.search.algorithm == "optuna":
         hours *= space.search.samples
     return hours + sum(cost.gpu_hours(n.recipe) for n in space.teachers if n.recipe)

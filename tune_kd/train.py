@@ -29,7 +29,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from tune_kd import cli, distillers, losses, models
+from tune_kd import cli, distillers, fused, losses, models
 from tune_kd import data as datasets
 from tune_kd.config import EXECUTION_KEYS, KEYS, SHARED_KEYS, Config, ConfigError, describe, resolve
 from tune_kd.storage import Storage
@@ -150,18 +150,28 @@ def train_one_epoch(run: Run, epoch: int) -> float:
             run.captured_step(step, images, labels).replay(images, labels)
         else:
             step(images, labels)
+    step.finish()
     _synchronize(run.device)
     return time.perf_counter() - start
 
 
 class StepPlan:
-    """One optimizer step of every active student on one batch, sharing one teacher pass."""
+    """One optimizer step of every active student on one batch, sharing one teacher pass: the
+    students of each fused sub-group at once (`tune_kd.fused`), the others one after another.
+
+    Made at the start of an epoch, when the fused groups load their students' state; `finish`
+    writes it back at the end."""
 
     def __init__(self, run: Run, members: list[Member]):
         self.run = run
         self.members = members
+        self.fused = run.fused_groups(members)
+        in_fused = {id(m) for group in self.fused for m in group.members}
+        self.sequential = [m for m in members if id(m) not in in_fused]
         self.stages = set().union(*(m.distiller.teacher_stages for m in members))
         self.needs_teacher = any(m.distiller.uses_teacher for m in members)
+        for group in self.fused:
+            group.pull()
 
     @property
     def key(self) -> tuple:
@@ -172,13 +182,34 @@ class StepPlan:
         run = self.run
         with run.autocast():
             teacher_out = run.teacher(images, labels, self.stages) if self.needs_teacher else None
-        for m in self.members:
+        for group in self.fused:
+            outputs = group.step(images, labels, teacher_out, run.autocast)
+            for m, out in zip(group.members, outputs):
+                m.sums += _step_sums(out, labels)
+        for m in self.sequential:
             with run.autocast():
                 out = m.distiller.train_step(images, labels, teacher_out)
             m.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             m.optimizer.step()
             m.sums += _step_sums(out, labels)
+
+    def finish(self) -> None:
+        """Write the fused groups' state back into their students."""
+        for group in self.fused:
+            group.push()
+
+    def snapshot(self) -> list:
+        """Copies of everything a step changes in place."""
+        return [_state_tensors(m) for m in self.sequential] + [g.snapshot() for g in self.fused]
+
+    def restore(self, saved: list) -> None:
+        """Put a `snapshot` back, with no gradients (backward then allocates them anew)."""
+        for m, before in zip(self.sequential, saved):
+            _restore(m, before)
+            m.optimizer.zero_grad(set_to_none=True)
+        for group, before in zip(self.fused, saved[len(self.sequential) :]):
+            group.restore(before)
 
 
 class CapturedStep:
@@ -193,16 +224,14 @@ class CapturedStep:
     def __init__(self, step: StepPlan, images: Tensor, labels: Tensor):
         self.key = step.key
         self.images, self.labels = images.clone(), labels.clone()
-        saved = [_state_tensors(m) for m in step.members]
+        saved = step.snapshot()
         side = torch.cuda.Stream(images.device)
         side.wait_stream(torch.cuda.current_stream(images.device))
         with torch.cuda.stream(side):
             for _ in range(3):
                 step(self.images, self.labels)
         torch.cuda.current_stream(images.device).wait_stream(side)
-        for m, before in zip(step.members, saved):
-            _restore(m, before)
-            m.optimizer.zero_grad(set_to_none=True)  # backward allocates grads in the graph's pool
+        step.restore(saved)  # backward allocates the gradients in the graph's pool
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             step(self.images, self.labels)
@@ -313,6 +342,7 @@ class Run:
                 self.teacher.model.compile(mode=first.compile)
         self.epoch = 0
         self._captured: CapturedStep | None = None
+        self._fused: dict[tuple[int, ...], fused.FusedGroup] = {}
         self.teacher_test_acc = evaluate_teacher(self)
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -328,6 +358,19 @@ class Run:
             self._captured = None  # free the old graph's memory first
             self._captured = CapturedStep(step, images, labels)
         return self._captured
+
+    def fused_groups(self, members: list[Member]) -> list[fused.FusedGroup]:
+        """The fused sub-groups of `members` (two or more students of one `fused.fusion_key`).
+        A group lives as long as its students train together: a student that stops is dropped
+        from its fused model at the next epoch, when the others are stacked anew."""
+        groups: dict[tuple[int, ...], fused.FusedGroup] = {}
+        if self.configs[0].fuse_students:
+            for part in fused.partition(members):
+                key = tuple(id(m) for m in part)
+                if len(part) > 1:
+                    groups[key] = self._fused.get(key) or fused.FusedGroup(part)
+        self._fused = groups
+        return list(groups.values())
 
     @property
     def active_members(self) -> list[Member]:

@@ -1,0 +1,169 @@
+"""Students of one structure trained as one horizontally fused model.
+
+After HFTA (Wang et al., MLSys 2021, "Horizontally Fused Training Array"): the students of a group
+that share an architecture and a projector design are stacked, parameter by parameter, into one
+model whose operators are G times wider, and trained with one forward, one backward and one SGD
+update per batch instead of G of each. `torch.func.vmap` over the distiller's `forward` does the
+fusing: the shared batch enters unbatched, so the first convolution becomes one convolution with
+G times the filters and the later ones grouped convolutions; batch norm runs over G x C channels
+with its running statistics stacked and updated in place; linear layers become batched matmuls.
+
+Everything else stays per student: each computes its own loss (l2, cosine, kl, its weights and
+`teacher_correct_only`) on its slice of the fused outputs, and the update uses its own learning
+rate, momentum and weight decay. A student's slices never mix with another's, so one that
+diverges spoils only its own; the run drops it from the fused model at the next epoch.
+
+The fused tensors are a working copy: `pull` loads them from the students' own modules and
+optimizers at the start of an epoch and `push` writes them back at its end, so evaluation,
+checkpoints and exported students are exactly those of students trained one after another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+from torch import Tensor
+from torch.func import functional_call, stack_module_state, vmap
+from torch.utils._pytree import tree_map
+
+from tune_kd.config import Config
+from tune_kd.distillers import StepOutput, TeacherOutput
+
+if TYPE_CHECKING:
+    from tune_kd.train import Member
+
+Item = TypeVar("Item")
+
+
+def fusion_key(config: Config) -> tuple:
+    """Students with equal keys have parameters of the same names and shapes, the same update rule,
+    and gradients for the same parameters (a SimKD student without cross-entropy leaves its own
+    classifier untouched), so they can be stacked. Learning rate, schedule, momentum, weight decay
+    and every other loss key may differ."""
+    projector = (
+        (config.projector, config.projector_design, config.factor)
+        if config.method == "simkd"
+        else ()
+    )
+    return (config.student, config.method, *projector, bool(config.ce_weight), config.nesterov)
+
+
+def partition(items: Sequence[Item]) -> list[list[Item]]:
+    """Members (or configurations) in sub-groups of equal `fusion_key`, in order of first
+    appearance."""
+    parts: dict[tuple, list[Item]] = {}
+    for item in items:
+        config = item if isinstance(item, Config) else item.config
+        parts.setdefault(fusion_key(config), []).append(item)
+    return list(parts.values())
+
+
+class FusedGroup:
+    """G students of one `fusion_key` as one model: stacked parameters (G, ...), buffers, momentum
+    buffers, and per-student learning rate, momentum and weight decay as (G,) tensors."""
+
+    def __init__(self, members: Sequence[Member]):
+        self.members = list(members)
+        self.template = members[0].distiller  # runs every student's forward via functional_call
+        self.params, self.buffers = stack_module_state([m.distiller for m in members])
+        self.momentum = {name: torch.zeros_like(p) for name, p in self.params.items()}
+        device = next(iter(self.params.values())).device
+        self.lr, self.momentum_rate, self.weight_decay = torch.zeros(3, len(members), device=device)
+        self.nesterov = members[0].config.nesterov
+
+    @property
+    def key(self) -> tuple[int, ...]:
+        return tuple(id(m) for m in self.members)
+
+    def pull(self) -> None:
+        """Load every student's weights, buffers, momentum and current hyperparameters. A momentum
+        buffer SGD has not created yet is zero: the first update is then the same."""
+        with torch.no_grad():
+            for i, m in enumerate(self.members):
+                params = dict(m.distiller.named_parameters())
+                buffers = dict(m.distiller.named_buffers())
+                for name, stacked in self.params.items():
+                    stacked[i].copy_(params[name])
+                    saved = m.optimizer.state.get(params[name], {}).get("momentum_buffer")
+                    if saved is None:
+                        self.momentum[name][i].zero_()
+                    else:
+                        self.momentum[name][i].copy_(saved)
+                for name, stacked in self.buffers.items():
+                    stacked[i].copy_(buffers[name])
+            group = [m.optimizer.param_groups[0] for m in self.members]
+            self.lr.copy_(torch.tensor([g["lr"] for g in group]))
+            self.momentum_rate.copy_(torch.tensor([g["momentum"] for g in group]))
+            self.weight_decay.copy_(torch.tensor([g["weight_decay"] for g in group]))
+
+    def push(self) -> None:
+        """Write the fused state back into each student's modules and optimizer state."""
+        with torch.no_grad():
+            for i, m in enumerate(self.members):
+                params = dict(m.distiller.named_parameters())
+                buffers = dict(m.distiller.named_buffers())
+                for name, stacked in self.params.items():
+                    params[name].copy_(stacked[i])
+                    if m.config.momentum:
+                        buffer = self.momentum[name][i].clone()
+                        m.optimizer.state[params[name]]["momentum_buffer"] = buffer
+                for name, stacked in self.buffers.items():
+                    buffers[name].copy_(stacked[i])
+
+    def step(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        teacher: TeacherOutput | None,
+        autocast: Callable[[], Any],
+    ) -> list[StepOutput]:
+        """One training step of every student: fused forward, per-student losses, one backward
+        of their sum (each student's gradient is its own loss's) and one fused SGD update."""
+        with autocast():
+            fused = vmap(self._forward, in_dims=(0, 0, None))(self.params, self.buffers, images)
+        outputs = []
+        for i, m in enumerate(self.members):
+            own = tree_map(lambda t, i=i: t[i], fused)  # this student's slice of every output
+            with autocast():
+                outputs.append(m.distiller.loss(own, labels, teacher))
+        for p in self.params.values():
+            p.grad = None
+        torch.stack([out.loss for out in outputs]).sum().backward()
+        self._sgd()
+        return outputs
+
+    def _forward(self, params: dict, buffers: dict, images: Tensor) -> dict[str, Any]:
+        return functional_call(self.template, (params, buffers), (images,))
+
+    @torch.no_grad()
+    def _sgd(self) -> None:
+        """`torch.optim.SGD`'s update (dampening 0) with per-student hyperparameters."""
+        for name, p in self.params.items():
+            if p.grad is None:  # no student's loss reaches it: SGD leaves it alone
+                continue
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            rate = self.momentum_rate.view(shape)
+            grad = p.grad + self.weight_decay.view(shape) * p
+            buffer = self.momentum[name].mul_(rate).add_(grad)
+            p.sub_(self.lr.view(shape) * (grad + rate * buffer if self.nesterov else buffer))
+
+    def snapshot(self) -> list[Tensor]:
+        """Copies of everything a step changes in place (for `train.CapturedStep`)."""
+        return [t.detach().clone() for t in self._state()]
+
+    def restore(self, saved: list[Tensor]) -> None:
+        with torch.no_grad():
+            for t, value in zip(self._state(), saved):
+                t.copy_(value)
+        for p in self.params.values():
+            p.grad = None  # backward allocates them in the captured graph's pool
+
+    def _state(self) -> list[Tensor]:
+        return [
+            *self.params.values(),
+            *self.buffers.values(),
+            *self.momentum.values(),
+            *(m.sums for m in self.members),
+        ]
