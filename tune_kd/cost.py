@@ -9,8 +9,9 @@ the teacher's forward, each student's step alone, and each fused sub-group's ste
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.utils.flop_counter
@@ -66,6 +67,23 @@ def _pass_flops(
         )
     )
     torch.manual_seed(0)
+    with one_thread():
+        return _count(config, teacher, student, classes)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Two images are too little work to share: more threads only spin, and on a busy machine
+    their waits multiply the time tenfold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _count(config: Config, teacher: str | None, student: str, classes: int) -> tuple[float, float]:
     teacher_model = distillers.Teacher(models.create(teacher, classes)) if teacher else None
     distiller = distillers.create(config, models.create(student, classes), teacher_model)
     images, labels = torch.randn(2, 3, 32, 32), torch.arange(2) % classes
