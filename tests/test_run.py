@@ -103,8 +103,8 @@ def test_the_teacher_is_cached_in_the_fields_format(quick):
 
 
 def test_an_interrupted_sweep_of_groups_resumes_without_rerunning_finished_ones(quick):
-    """Two groups of three students sharing a teacher pass (one per seed), run one at a time,
-    interrupted once the first is done, then resumed."""
+    """Two groups of three students sharing a teacher pass (one per seed), trained as one fused
+    model each, run one at a time, interrupted once the first is done, then resumed."""
     storage, _ = quick
     args = [
         *QUICK,
@@ -112,6 +112,8 @@ def test_an_interrupted_sweep_of_groups_resumes_without_rerunning_finished_ones(
         "seed=[0,1]",
         "--set",
         "group_students=true",
+        "--set",
+        "fuse_students=true",
         "--set",
         "epochs=3",
         "--max-concurrent",

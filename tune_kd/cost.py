@@ -135,7 +135,8 @@ def group_gpu_hours(configs: Sequence[Config], fuse: bool = True) -> float:
     their fused sub-groups fused when `fuse` and the group's `fuse_students` allow it."""
     first = configs[0]
     seconds = teacher_seconds(first)
-    parts = fused.partition(configs) if fuse and first.fuse_students else [[c] for c in configs]
+    fusing = fuse and first.fuse_students is not False  # a GPU fuses by default
+    parts = fused.partition(configs) if fusing else [[c] for c in configs]
     for part in parts:
         alone = student_seconds(part[0])
         if len(part) == 1:
