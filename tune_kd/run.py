@@ -483,9 +483,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_plan(storage, name, space, space_text, overrides, launcher.resources)
         results = launcher.tuner(space, name, teachers).fit()
     cache_finished_teachers(space, storage, results)
-    failed = report_results(storage, name).experiment.trials["status"].eq("error").sum()
+    failed = report_results(storage, name).failures
     if failed:
-        print(f"error: {failed} of {space.planned} trials failed", file=sys.stderr)
+        print(f"error: {len(failed)} of {space.planned} trials failed", file=sys.stderr)
         return 1
     return 0
 
