@@ -104,8 +104,20 @@ def test_the_teacher_is_cached_in_the_fields_format(quick):
 
 def test_an_interrupted_sweep_of_groups_resumes_without_rerunning_finished_ones(quick):
     """Two groups of three students sharing a teacher pass (one per seed), trained as one fused
-    model each, run one at a time, interrupted once the first is done, then resumed."""
+    model each, run one at a time, interrupted while the second is held before its second epoch
+    (tests/faults/sitecustomize.py), then resumed."""
     storage, _ = quick
+    held = storage / "faults.log"
+    held.touch()
+    paths = [str(ROOT / "tests" / "faults"), str(ROOT), os.environ.get("PYTHONPATH")]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, paths)),
+        "TUNE_KD_TEST_FAULTS": json.dumps(
+            {"group_0001": {"epoch": 2, "kind": "hold", "times": 1, "wait": True}}
+        ),
+        "TUNE_KD_TEST_FAULT_LOG": str(held),
+    }
     args = [
         *QUICK,
         "--set",
@@ -124,19 +136,23 @@ def test_an_interrupted_sweep_of_groups_resumes_without_rerunning_finished_ones(
     process = subprocess.Popen(
         [sys.executable, "-m", "tune_kd.run", *args, "--name", "resume"],
         cwd=ROOT,
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
     experiment = storage / "resume"
     deadline = time.monotonic() + 300
-    while epochs_of(experiment / "group_0000") != [1, 2, 3] and time.monotonic() < deadline:
+    while "group_0001 hold 2" not in held.read_text():
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "the second group never reached its second epoch"
         time.sleep(0.2)
     process.send_signal(signal.SIGINT)
     first = process.communicate(timeout=300)[0]
     assert "training 1 teacher" not in first  # the first sweep's teacher was reused
+    assert epochs_of(experiment / "group_0000") == [1, 2, 3]
     finished_before = (experiment / "group_0000" / "result.json").read_text()
-    assert epochs_of(experiment / "group_0001") != [1, 2, 3]  # interrupted before its end
+    assert epochs_of(experiment / "group_0001") == [1]  # interrupted before its end
 
     resumed = sweep(
         "--resume",

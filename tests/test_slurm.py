@@ -1,8 +1,10 @@
 """cluster/slurm.sbatch on a two-"node" allocation of this machine: stand-in `sbatch`, `srun` and
 `scontrol` (tests/fake_slurm) start real Ray nodes here, each with its own temp folder and ports.
 A sweep runs to its end with `--address auto`; a job stopped near its time limit is requeued and
-its rerun (`--resume`) finishes without rerunning finished trials. Only the Ray processes this
-test started are stopped: those whose command line names its own temp folder."""
+its rerun (`--resume`) finishes without rerunning finished trials. The second trial is held
+before its second epoch (tests/faults/sitecustomize.py) until the job is stopped, so the stop
+always comes mid-trial. Only the Ray processes this test started are stopped: those whose command
+line names its own temp folder."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import psutil
 import pytest
 
 ROOT = Path(__file__).parents[1]
+INJECTOR = ROOT / "tests" / "faults"
 SPACE = """
 name: slurm
 dataset: synthetic
@@ -80,7 +83,13 @@ def allocation() -> Iterator[tuple[Path, dict[str, str]]]:
         TUNE_KD_RAY_PORT=str(free_port()),
         TUNE_KD_DASHBOARD_PORT=str(free_port()),
         TUNE_KD_RAY_START_ARGS="--object-store-memory=100000000 --disable-usage-stats",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(INJECTOR), str(ROOT), env.get("PYTHONPATH")])),
+        TUNE_KD_TEST_FAULTS=json.dumps(
+            {"trial_0001": {"epoch": 2, "kind": "hold", "times": 1, "wait": True}}
+        ),
+        TUNE_KD_TEST_FAULT_LOG=str(root / "faults.log"),
     )
+    (root / "faults.log").touch()
     try:
         yield root, env
     finally:
@@ -111,8 +120,9 @@ def test_a_sweep_on_two_nodes_runs_stops_ray_and_resumes_after_a_requeue(allocat
 
     job = submit(env, *args, "--max-concurrent", "1")
     deadline = time.monotonic() + 400
-    while epochs_of(experiment / "trial_0000") != [1, 2, 3] and time.monotonic() < deadline:
+    while "trial_0001 hold 2" not in (root / "faults.log").read_text():
         assert job.poll() is None, job.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "the second trial never reached its second epoch"
         time.sleep(0.5)
     job.send_signal(signal.SIGUSR1)  # what SLURM sends near the time limit (--signal=B:USR1@..)
     first = job.communicate(timeout=300)[0]
@@ -120,7 +130,8 @@ def test_a_sweep_on_two_nodes_runs_stops_ray_and_resumes_after_a_requeue(allocat
     assert "2 node(s) joined" in first and "'CPU': 2.0" in first
     assert (root / "requeued").read_text() == "4242\n"
     assert not processes_of(root), "Ray nodes left running after the job"
-    assert epochs_of(experiment / "trial_0001") != [1, 2, 3]  # stopped before its end
+    assert epochs_of(experiment / "trial_0000") == [1, 2, 3]
+    assert epochs_of(experiment / "trial_0001") == [1]  # stopped before its end
     finished_before = (experiment / "trial_0000" / "result.json").read_text()
 
     rerun = submit({**env, "SLURM_RESTART_COUNT": "1"}, *args)  # as SLURM reruns a requeued job
