@@ -1,9 +1,10 @@
-"""Shared fixtures: a small teacher checkpoint in the field's layout, tiny configurations, and an
-experiment folder of pending trials."""
+"""Shared fixtures: a small teacher checkpoint in the field's layout, tiny configurations, an
+experiment folder of pending trials, and the environment that injects faults into a sweep."""
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +12,9 @@ import pytest
 import torch
 
 from tune_kd import models
+
+ROOT = Path(__file__).parents[1]
+FAULT_INJECTOR = Path(__file__).parent / "faults"  # its sitecustomize.py injects the faults
 
 
 def save_checkpoint(model: torch.nn.Module, path: Path) -> Path:
@@ -77,3 +81,20 @@ def write_pending_experiment(root: Path, trials: int = 1) -> Path:
 @pytest.fixture
 def pending_experiment() -> Callable[..., Path]:
     return write_pending_experiment
+
+
+def fault_variables(faults: dict, log: Path) -> dict[str, str]:
+    """The environment variables that make every Python process started with them (Ray's workers
+    inherit them) inject `faults` (see tests/faults/sitecustomize.py), logging each in `log`."""
+    log.touch()
+    paths = [str(FAULT_INJECTOR), str(ROOT), os.environ.get("PYTHONPATH")]
+    return {
+        "PYTHONPATH": os.pathsep.join(filter(None, paths)),
+        "TUNE_KD_TEST_FAULTS": json.dumps(faults),
+        "TUNE_KD_TEST_FAULT_LOG": str(log),
+    }
+
+
+@pytest.fixture
+def inject_faults() -> Callable[[dict, Path], dict[str, str]]:
+    return fault_variables

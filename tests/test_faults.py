@@ -36,8 +36,6 @@ SPACE = ROOT / "search_spaces" / "quickstart.yaml"
 MAX_FAILURES = 1
 FIRST_TWO = ("trial_0000", "trial_0001")
 
-INJECTOR = Path(__file__).parent / "faults"  # its sitecustomize.py injects the faults
-
 
 @pytest.fixture
 def ray_tmp() -> Iterator[Path]:
@@ -46,18 +44,9 @@ def ray_tmp() -> Iterator[Path]:
         yield Path(folder)
 
 
-def sweep_env(ray_tmp: Path, faults: dict | None = None) -> dict[str, str]:
-    """The environment of a sweep: its own Ray folder and, with `faults`, the injector."""
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
-    if faults:
-        (ray_tmp / "faults.log").touch()
-        paths = [str(INJECTOR), str(ROOT), env.get("PYTHONPATH", "")]
-        env.update(
-            PYTHONPATH=os.pathsep.join(p for p in paths if p),
-            TUNE_KD_TEST_FAULTS=json.dumps(faults),
-            TUNE_KD_TEST_FAULT_LOG=str(ray_tmp / "faults.log"),
-        )
-    return env
+def sweep_env(ray_tmp: Path, injected: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a sweep: its own Ray folder and, if given, `inject_faults` variables."""
+    return {**os.environ, "RAY_TMPDIR": str(ray_tmp), **(injected or {})}
 
 
 def fault_log(ray_tmp: Path) -> list[str]:
@@ -139,24 +128,37 @@ def epochs_per_trial(epochs: pd.DataFrame) -> dict[str, list[int]]:
 
 @pytest.mark.faults
 def test_killed_and_raising_trials_are_retried_then_marked_and_divergence_costs_nothing(
-    teacher_checkpoint, tmp_path, ray_tmp
+    teacher_checkpoint, tmp_path, ray_tmp, inject_faults
 ):
     """trial_0000's worker is SIGKILLed once at epoch 2: retried from its checkpoint, it finishes.
+    Before the kill, the storage's copy of its results is made to lack epoch 1, as when Tune last
+    copied them there before the trial's first report: the retry must not lose epoch 1.
     trial_0001 raises at epoch 2 every time: retried `MAX_FAILURES` times from its checkpoint,
     then marked error. trial_0002 and trial_0003 (lr 1e30) diverge in their first epoch."""
     faults = {
-        "trial_0000": {"epoch": 2, "kind": "kill", "times": 1},
+        "trial_0000": {"epoch": 2, "kind": "kill", "times": 1, "wait": True},
         "trial_0001": {"epoch": 2, "kind": "raise", "times": 99},
     }
     sets = ["epochs=3", "lr=[0.05, 1.0e+30]", "seed=[0, 1]"]
     args = [*sweep_args(teacher_checkpoint, tmp_path, *sets), "--name", "faults"]
     args += ["--max-failures", str(MAX_FAILURES)]
     log = tmp_path / "sweep.log"
-    status = finish(start_sweep(args, sweep_env(ray_tmp, faults), log), timeout=900)
+    env = sweep_env(ray_tmp, inject_faults(faults, ray_tmp / "faults.log"))
+    env["TUNE_GLOBAL_CHECKPOINT_S"] = "3600"  # no copy to the storage but those the test makes
+    experiment = tmp_path / "faults"
+    process = start_sweep(args, env, log)
+    try:
+        wait_for(lambda: "trial_0000 kill 2" in fault_log(ray_tmp), "the kill", process, 600)
+        stale = experiment / "trial_0000" / "result.json"
+        stale.parent.mkdir(parents=True, exist_ok=True)
+        stale.write_text("")
+        Path(f"{ray_tmp / 'faults.log'}.trial_0000.go").touch()
+    except BaseException:
+        stop_session(process)
+        raise
+    status = finish(process, timeout=900)
     output = log.read_text()
     assert status == 1, output[-3000:]
-
-    experiment = tmp_path / "faults"
     plan = json.loads((experiment / "tune_kd_plan.json").read_text())
     assert [(t["axes"]["lr"], t["axes"]["seed"]) for t in plan["trials"]] == [
         (0.05, 0),
@@ -214,7 +216,7 @@ def newest_checkpoint(trial: Path) -> Path:
 
 @pytest.mark.faults
 def test_a_killed_driver_resumes_and_a_corrupt_checkpoint_falls_back_to_the_one_before(
-    teacher_checkpoint, tmp_path, ray_tmp
+    teacher_checkpoint, tmp_path, ray_tmp, inject_faults
 ):
     """Three trials, one at a time. trial_0001's newest checkpoint (epoch 2) is cut in half, then
     its worker is killed: the retry resumes from epoch 1's. While trial_0002 is held in its second
@@ -224,7 +226,7 @@ def test_a_killed_driver_resumes_and_a_corrupt_checkpoint_falls_back_to_the_one_
         "trial_0001": {"epoch": 3, "kind": "kill", "times": 1, "wait": True},
         "trial_0002": {"epoch": 2, "kind": "hold", "times": 1, "wait": True},  # never let go
     }
-    env = sweep_env(ray_tmp, faults)
+    env = sweep_env(ray_tmp, inject_faults(faults, ray_tmp / "faults.log"))
     sets = ["epochs=3", "lr=[0.05]", "seed=[0, 1, 2]"]
     args = sweep_args(teacher_checkpoint, tmp_path, *sets)
     experiment = tmp_path / "killed"
@@ -316,12 +318,13 @@ HELD = {
 
 
 @pytest.fixture
-def cluster(ray_tmp, monkeypatch) -> Iterator[Any]:
+def cluster(ray_tmp, monkeypatch, inject_faults) -> Iterator[Any]:
     """A Ray of three nodes on this machine: a head without CPUs (the driver's) and two workers
     of one CPU each, so that each trial has a node of its own. Its workers hold `HELD`."""
     from ray.cluster_utils import Cluster
 
-    for key, value in sweep_env(ray_tmp, HELD).items():  # for the nodes' processes
+    env = sweep_env(ray_tmp, inject_faults(HELD, ray_tmp / "faults.log"))
+    for key, value in env.items():  # for the nodes' processes
         if os.environ.get(key) != value:
             monkeypatch.setenv(key, value)  # RAY_TMPDIR: its address file too stays private
     cluster = Cluster(shutdown_at_exit=False)

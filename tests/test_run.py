@@ -102,22 +102,16 @@ def test_the_teacher_is_cached_in_the_fields_format(quick):
     assert type(model).__name__ and model.get_classifier().out_features == 10
 
 
-def test_an_interrupted_sweep_of_groups_resumes_without_rerunning_finished_ones(quick):
+def test_an_interrupted_sweep_of_groups_resumes_without_rerunning_finished_ones(
+    quick, inject_faults
+):
     """Two groups of three students sharing a teacher pass (one per seed), trained as one fused
     model each, run one at a time, interrupted while the second is held before its second epoch
     (tests/faults/sitecustomize.py), then resumed."""
     storage, _ = quick
     held = storage / "faults.log"
-    held.touch()
-    paths = [str(ROOT / "tests" / "faults"), str(ROOT), os.environ.get("PYTHONPATH")]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, paths)),
-        "TUNE_KD_TEST_FAULTS": json.dumps(
-            {"group_0001": {"epoch": 2, "kind": "hold", "times": 1, "wait": True}}
-        ),
-        "TUNE_KD_TEST_FAULT_LOG": str(held),
-    }
+    hold = {"group_0001": {"epoch": 2, "kind": "hold", "times": 1, "wait": True}}
+    env = {**os.environ, **inject_faults(hold, held)}
     args = [
         *QUICK,
         "--set",

@@ -25,7 +25,6 @@ import psutil
 import pytest
 
 ROOT = Path(__file__).parents[1]
-INJECTOR = ROOT / "tests" / "faults"
 SPACE = """
 name: slurm
 dataset: synthetic
@@ -41,6 +40,7 @@ grid:
   lr: [0.05, 0.1]
 resources: {cpu: 1}
 """
+HOLD_THE_SECOND_TRIAL = {"trial_0001": {"epoch": 2, "kind": "hold", "times": 1, "wait": True}}
 
 
 def epochs_of(trial: Path) -> list[int]:
@@ -69,7 +69,7 @@ def processes_of(root: Path) -> list[psutil.Process]:
 
 
 @pytest.fixture
-def allocation() -> Iterator[tuple[Path, dict[str, str]]]:
+def allocation(inject_faults) -> Iterator[tuple[Path, dict[str, str]]]:
     """A folder for the fake nodes (short: Ray's socket paths have a length limit) and the
     environment of a job on them; every process left with the folder in its command line is
     killed at the end."""
@@ -83,13 +83,8 @@ def allocation() -> Iterator[tuple[Path, dict[str, str]]]:
         TUNE_KD_RAY_PORT=str(free_port()),
         TUNE_KD_DASHBOARD_PORT=str(free_port()),
         TUNE_KD_RAY_START_ARGS="--object-store-memory=100000000 --disable-usage-stats",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(INJECTOR), str(ROOT), env.get("PYTHONPATH")])),
-        TUNE_KD_TEST_FAULTS=json.dumps(
-            {"trial_0001": {"epoch": 2, "kind": "hold", "times": 1, "wait": True}}
-        ),
-        TUNE_KD_TEST_FAULT_LOG=str(root / "faults.log"),
+        **inject_faults(HOLD_THE_SECOND_TRIAL, root / "faults.log"),
     )
-    (root / "faults.log").touch()
     try:
         yield root, env
     finally:

@@ -146,13 +146,15 @@ class Launcher:
     def tuner(self, space: Space, name: str, teachers: Mapping[str, Any]) -> Any:
         from ray import tune
 
+        from tune_kd.trainable import KeepResultsOnRetry
+
         run_config = tune.RunConfig(
             name=name,
             storage_path=self.storage.uri,
             failure_config=tune.FailureConfig(max_failures=self.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             progress_reporter=progress_reporter(space),
-            callbacks=tracker_callbacks(space, name),
+            callbacks=[KeepResultsOnRetry(), *tracker_callbacks(space, name)],
             verbose=1,
         )
         return tune.Tuner(

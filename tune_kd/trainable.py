@@ -3,7 +3,8 @@ of students sharing the teacher's pass), reporting once per epoch with a checkpo
 
 The dataset and the teachers' weights arrive through Ray's object store (`tune.with_parameters`),
 loaded once by the driver; a retried trial resumes from its last checkpoint, or from the one before
-(Tune keeps two) when the last cannot be read, or else starts over, saying so in one line.
+(Tune keeps two) when the last cannot be read, or else starts over, saying so in one line; its
+results so far are saved to the storage first (`KeepResultsOnRetry`).
 """
 
 from __future__ import annotations
@@ -136,3 +137,22 @@ def trial_metrics(
         "test_acc_top5": max(r["test_acc_top5"] for r in rows),
         "members": reported,
     }
+
+
+class KeepResultsOnRetry(tune.Callback):
+    """Saves a failed trial's folder (its `result.json`: one line per epoch) to the storage before
+    Tune retries it. A retried trial's result files are first copied back from the storage, which
+    Tune updates only every few seconds: without this, the epochs the trial reported since then
+    would vanish from its results, though its checkpoint has them."""
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        from pyarrow.fs import copy_files
+
+        if not Path(trial.local_path).is_dir():  # it failed before it started
+            return
+        storage = trial.storage
+        copy_files(
+            trial.local_path,
+            storage.trial_fs_path,
+            destination_filesystem=storage.storage_filesystem,
+        )
