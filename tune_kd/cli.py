@@ -9,6 +9,12 @@ from typing import NoReturn
 BAD_INPUT = 2
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line (its type's name when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def fail(message: object) -> int:
     """Print `error: <message>` as one line on stderr; the exit status of bad input."""
     print("error: " + " ".join(str(message).split()), file=sys.stderr)

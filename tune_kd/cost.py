@@ -130,12 +130,12 @@ def student_seconds(config: Config) -> float:
     return measured if measured is not None else pass_flops(config)[1] / STUDENT_FLOPS_PER_SECOND
 
 
-def group_gpu_hours(configs: Sequence[Config], fuse: bool = True) -> float:
+def group_gpu_hours(configs: Sequence[Config]) -> float:
     """Estimated GPU-hours of one Ray trial training `configs` together (a group of one: alone),
-    their fused sub-groups fused when `fuse` and the group's `fuse_students` allow it."""
+    their fused sub-groups fused unless the group's `fuse_students` is off."""
     first = configs[0]
     seconds = teacher_seconds(first)
-    fusing = fuse and first.fuse_students is not False  # a GPU fuses by default
+    fusing = first.fuse_students is not False  # a GPU fuses by default
     parts = fused.partition(configs) if fusing else [[c] for c in configs]
     for part in parts:
         alone = student_seconds(part[0])

@@ -73,10 +73,6 @@ class FusedGroup:
         self.lr, self.momentum_rate, self.weight_decay = torch.zeros(3, len(members), device=device)
         self.nesterov = members[0].config.nesterov
 
-    @property
-    def key(self) -> tuple[int, ...]:
-        return tuple(id(m) for m in self.members)
-
     def pull(self) -> None:
         """Load every student's weights, buffers, momentum and current hyperparameters. A momentum
         buffer SGD has not created yet is zero: the first update is then the same."""

@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from tune_kd import models
+from tune_kd.cli import first_line
 from tune_kd.config import (
     DATA_KEYS,
     EXECUTION_KEYS,
@@ -450,7 +451,7 @@ def check_checkpoint(path: str, arch: str, config: Config, key: str) -> None:
     try:
         model = models.load_checkpoint(path, name=arch)
     except ValueError as error:
-        raise ConfigError(key, _first_line(error)) from None
+        raise ConfigError(key, first_line(error)) from None
     classes, out = config.num_classes, models.num_classes(model)
     if out != classes:
         raise ConfigError(key, f"{path} has {out} classes but {config.dataset} has {classes}")
@@ -564,11 +565,7 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
     problem = getattr(error, "problem", None)
     if problem and mark is not None:
         return f"{problem} at line {mark.line + 1}"
-    return _first_line(error)
-
-
-def _first_line(error: BaseException) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return first_line(error)
 
 
 # ----------------------------------------------------------------------------- to Ray Tune

@@ -616,7 +616,7 @@ def resume(run: Run, checkpoint: Path) -> None:
             "--resume", f"{checkpoint} is not a checkpoint of tensors: refused to unpickle it"
         ) from None
     except (ValueError, RuntimeError, KeyError, EOFError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        reason = cli.first_line(error)
         raise ConfigError("--resume", f"{checkpoint} cannot be continued: {reason}") from None
 
 
