@@ -29,10 +29,11 @@ ONLY=${ONLY:-}  # run only these steps (names as below, space-separated)
 GROUP_TRAIN=${GROUP_TRAIN:-25600}
 SWEEP_EPOCHS=${SWEEP_EPOCHS:-3}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 JSON="$OUT/gpu.jsonl"
 : > "$JSON"
 exec > >(tee "$OUT/log.txt") 2>&1
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # keeps a carried Ray
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 "$PYTHON" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 
@@ -77,9 +78,10 @@ sweep() {  # the study's first grid through the product, on CIFAR-sized syntheti
 p = Path(sys.argv[1]); p.parent.mkdir(parents=True, exist_ok=True); \
 torch.save({'model': models.create('resnet38x2', 100).state_dict()}, p)" "$teacher"
   timeout 200 "$PYTHON" -m tune_kd.run --space search_spaces/study_losses.yaml \
-    --storage "$PWD/$OUT/sweep" --name study-losses --set dataset=synthetic \
+    --storage "$OUT/sweep" --name study-losses --set dataset=synthetic \
     --set synthetic_classes=100 --set synthetic_train_size=50000 --set synthetic_test_size=10000 \
-    --set epochs="$SWEEP_EPOCHS" --set "teacher_checkpoints.resnet38x2=$PWD/$teacher" > "$OUT/sweep.log" 2>&1 \
+    --set epochs="$SWEEP_EPOCHS" --set "lr_decay_epochs=[$SWEEP_EPOCHS]" \
+    --set "teacher_checkpoints.resnet38x2=$teacher" > "$OUT/sweep.log" 2>&1 \
     || echo "!! sweep stopped (limit 200 s or error; see $OUT/sweep.log)"
   echo "{\"wall_seconds\": $(( SECONDS - start )), \"epochs\": $SWEEP_EPOCHS}" > "$OUT/sweep.json"
 }
