@@ -13,6 +13,7 @@ from pathlib import Path
 import nbformat
 import pandas as pd
 import pytest
+from conftest import epochs_of, sweep
 from nbclient import NotebookClient
 
 from tune_kd import models, run
@@ -43,23 +44,6 @@ QUICK = [
 ]
 
 
-def sweep(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "tune_kd.run", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def epochs_of(trial: Path) -> list[int]:
-    lines = (
-        (trial / "result.json").read_text().splitlines() if (trial / "result.json").exists() else []
-    )
-    return [json.loads(line)["epoch"] for line in lines]
-
-
 @pytest.fixture(scope="session")
 def quick(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     storage = tmp_path_factory.mktemp("results")
@@ -68,6 +52,7 @@ def quick(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     return storage, done
 
 
+@pytest.mark.e2e
 def test_the_quickstart_runs_end_to_end_on_cpus(quick):
     storage, done = quick
     experiment = storage / "quick"
@@ -83,6 +68,7 @@ def test_the_quickstart_runs_end_to_end_on_cpus(quick):
         assert (experiment / "results" / name).exists()
 
 
+@pytest.mark.e2e
 def test_the_report_notebook_runs_against_the_quickstart(quick, monkeypatch):
     storage, _ = quick
     notebook = nbformat.read(ROOT / "analysis" / "sweep_report.ipynb", as_version=4)
@@ -95,6 +81,7 @@ def test_the_report_notebook_runs_against_the_quickstart(quick, monkeypatch):
     assert any("image/png" in o.get("data", {}) for o in outputs)
 
 
+@pytest.mark.e2e
 def test_the_teacher_is_cached_in_the_fields_format(quick):
     storage, _ = quick
     [checkpoint] = (storage / "teachers").glob("resnet14_vanilla-*/ckpt_epoch_1.pth")
@@ -102,6 +89,7 @@ def test_the_teacher_is_cached_in_the_fields_format(quick):
     assert type(model).__name__ and model.get_classifier().out_features == 10
 
 
+@pytest.mark.e2e
 def test_an_interrupted_sweep_of_groups_resumes_without_rerunning_finished_ones(
     quick, inject_faults
 ):
@@ -175,24 +163,15 @@ def test_a_dry_run_starts_nothing(tmp_path):
 
 
 def test_missing_cifar_is_one_line_and_nothing_is_written(tmp_path):
-    env = {**os.environ, "TUNE_KD_DATA": str(tmp_path / "data")}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tune_kd.run",
-            "--space",
-            str(ROOT / "search_spaces" / "teachers.yaml"),
-            "--set",
-            "download=false",
-            "--storage",
-            str(tmp_path / "results"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    done = sweep(
+        "--space",
+        str(ROOT / "search_spaces" / "teachers.yaml"),
+        "--set",
+        "download=false",
+        "--storage",
+        str(tmp_path / "results"),
+        env={"TUNE_KD_DATA": str(tmp_path / "data")},
         timeout=300,
-        env=env,
     )
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1 and str(tmp_path / "data") in done.stderr
