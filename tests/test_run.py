@@ -10,11 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-import nbformat
 import pandas as pd
 import pytest
 from conftest import epochs_of, sweep
-from nbclient import NotebookClient
 
 from tune_kd import models, run
 from tune_kd import space as spaces
@@ -66,19 +64,6 @@ def test_the_quickstart_runs_end_to_end_on_cpus(quick):
     assert str(experiment) in done.stdout and "3 planned: 3 completed" in done.stdout
     for name in ("trials.parquet", "epochs.parquet", "summary.md", "summary.csv", "summary.tex"):
         assert (experiment / "results" / name).exists()
-
-
-@pytest.mark.e2e
-def test_the_report_notebook_runs_against_the_quickstart(quick, monkeypatch):
-    storage, _ = quick
-    notebook = nbformat.read(ROOT / "analysis" / "sweep_report.ipynb", as_version=4)
-    monkeypatch.setenv("TUNE_KD_EXPERIMENT", str(storage / "quick"))
-    NotebookClient(notebook, timeout=300, kernel_name="python3").execute()
-    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
-    assert not [o for o in outputs if o.get("output_type") == "error"]
-    text = "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in outputs)
-    assert "3 planned: 3 completed" in text
-    assert any("image/png" in o.get("data", {}) for o in outputs)
 
 
 @pytest.mark.e2e
