@@ -16,6 +16,11 @@ import torch
 
 from tune_kd import models
 
+# The tests' models are tiny: on a machine of few cores shared with other work, a second torch
+# thread mostly waits for the first, and the suite runs several times slower. (Sweeps, in their
+# own processes, set their trials' threads themselves.)
+torch.set_num_threads(1)
+
 ROOT = Path(__file__).parents[1]
 FAULT_INJECTOR = Path(__file__).parent / "faults"  # its sitecustomize.py injects the faults
 
