@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import epochs_of, sweep
+import torch
+from conftest import epochs_of, result_lines, sweep
 
-from tune_kd import models, run
+from tune_kd import models, run, train
 from tune_kd import space as spaces
 
 ROOT = Path(__file__).parents[1]
@@ -64,14 +65,33 @@ def test_the_quickstart_runs_end_to_end_on_cpus(quick):
     assert str(experiment) in done.stdout and "3 planned: 3 completed" in done.stdout
     for name in ("trials.parquet", "epochs.parquet", "summary.md", "summary.csv", "summary.tex"):
         assert (experiment / "results" / name).exists()
+    trials = pd.read_parquet(experiment / "results" / "trials.parquet")
+    assert sorted(trials["loss"]) == ["cosine", "kl", "l2"]
+    assert set(trials["status"]) == {"completed"}
+    epochs = pd.read_parquet(experiment / "results" / "epochs.parquet")
+    assert sorted(zip(epochs["trial_id"], epochs["epoch"])) == [
+        (f"trial_{index:04d}", epoch) for index in range(3) for epoch in (1, 2)
+    ]
 
 
 @pytest.mark.e2e
 def test_the_teacher_is_cached_in_the_fields_format(quick):
+    """The cached teacher is the field's checkpoint of the model the trials distilled from: its
+    weights load strictly into a new resnet14 and score what it records and the trials measured."""
     storage, _ = quick
+    experiment = storage / "quick"
     [checkpoint] = (storage / "teachers").glob("resnet14_vanilla-*/ckpt_epoch_1.pth")
-    model = models.load_checkpoint(checkpoint)
-    assert type(model).__name__ and model.get_classifier().out_features == 10
+    assert models.load_checkpoint(checkpoint).get_classifier().out_features == 10
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["epoch"] == 1
+    models.create("resnet14", 10).load_state_dict(saved["model"])  # strict: every key and shape
+    config = json.loads((experiment / "tune_kd_plan.json").read_text())["trials"][0]["config"]
+    scored = train.Run([{**config, "device": "cpu"}], teacher_state=saved["model"])
+    assert scored.teacher_test_acc == pytest.approx(saved["best_acc"])
+    for index in range(3):  # every epoch of every trial measured the same teacher
+        lines = result_lines(experiment / f"trial_{index:04d}")
+        measured = [line["teacher_test_acc"] for line in lines]
+        assert measured == [pytest.approx(saved["best_acc"])] * 2
 
 
 @pytest.mark.e2e
