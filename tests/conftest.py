@@ -1,17 +1,25 @@
-"""Shared fixtures: a small teacher checkpoint in the field's layout, tiny configurations, an
-experiment folder of pending trials, and the environment that injects faults into a sweep."""
+"""Shared fixtures and helpers: a small teacher checkpoint in the field's layout, tiny
+configurations, an experiment folder of pending trials, the environment that injects faults into a
+sweep, a sweep run as the command line runs it, and the epochs a trial's folder holds."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
 import torch
 
 from tune_kd import models
+
+# The tests' models are tiny: on a machine of few cores shared with other work, a second torch
+# thread mostly waits for the first, and the suite runs several times slower. (Sweeps, in their
+# own processes, set their trials' threads themselves.)
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).parents[1]
 FAULT_INJECTOR = Path(__file__).parent / "faults"  # its sitecustomize.py injects the faults
@@ -98,3 +106,33 @@ def fault_variables(faults: dict, log: Path) -> dict[str, str]:
 @pytest.fixture
 def inject_faults() -> Callable[[dict, Path], dict[str, str]]:
     return fault_variables
+
+
+def sweep(
+    *args: str, env: Mapping[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """`python -m tune_kd.run ARGS` from the project's folder, run to its end with its output
+    captured; `env`: variables set on top of this process's environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "tune_kd.run", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def result_lines(trial: Path) -> list[dict]:
+    """What a trial's folder reports, one line per epoch; a last line cut mid-write (the trial
+    is still running) is left out."""
+    path = trial / "result.json"
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    return [json.loads(line) for line in lines if line.endswith("}")]
+
+
+def epochs_of(trial: Path) -> list[int]:
+    """The epochs a trial's folder reports, in the order they were written."""
+    return [line["epoch"] for line in result_lines(trial)]

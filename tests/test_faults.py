@@ -25,6 +25,7 @@ from typing import Any
 import pandas as pd
 import pytest
 import torch
+from conftest import epochs_of, result_lines
 from ray import tune
 
 from tune_kd import analysis
@@ -97,18 +98,6 @@ def stop_session(process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
-def result_lines(trial: Path) -> list[dict]:
-    path = trial / "result.json"
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines()
-    return [json.loads(line) for line in lines if line.endswith("}")]
-
-
-def epochs_of(trial: Path) -> list[int]:
-    return [line["epoch"] for line in result_lines(trial)]
-
-
 def wait_for(condition: Callable[[], bool], what: str, process: subprocess.Popen, timeout: float):
     deadline = time.monotonic() + timeout
     while not condition():
@@ -126,6 +115,7 @@ def epochs_per_trial(epochs: pd.DataFrame) -> dict[str, list[int]]:
     return {t: sorted(e["epoch"]) for t, e in epochs.groupby("trial_id")}
 
 
+@pytest.mark.e2e
 @pytest.mark.faults
 def test_killed_and_raising_trials_are_retried_then_marked_and_divergence_costs_nothing(
     teacher_checkpoint, tmp_path, ray_tmp, inject_faults
@@ -214,6 +204,7 @@ def newest_checkpoint(trial: Path) -> Path:
     return max(trial.glob("checkpoint_*"))
 
 
+@pytest.mark.e2e
 @pytest.mark.faults
 def test_a_killed_driver_resumes_and_a_corrupt_checkpoint_falls_back_to_the_one_before(
     teacher_checkpoint, tmp_path, ray_tmp, inject_faults
@@ -381,6 +372,7 @@ def strike_a_node(cluster: Any, ray_tmp: Path, args: list[str], name: str, folde
     return finish(process, timeout=600)
 
 
+@pytest.mark.e2e
 @pytest.mark.faults
 def test_trials_on_a_lost_node_resume_from_their_checkpoints(
     cluster, teacher_checkpoint, tmp_path, ray_tmp

@@ -10,12 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-import nbformat
 import pandas as pd
 import pytest
-from nbclient import NotebookClient
+import torch
+from conftest import epochs_of, result_lines, sweep
 
-from tune_kd import models, run
+from tune_kd import models, run, train
 from tune_kd import space as spaces
 
 ROOT = Path(__file__).parents[1]
@@ -43,23 +43,6 @@ QUICK = [
 ]
 
 
-def sweep(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "tune_kd.run", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def epochs_of(trial: Path) -> list[int]:
-    lines = (
-        (trial / "result.json").read_text().splitlines() if (trial / "result.json").exists() else []
-    )
-    return [json.loads(line)["epoch"] for line in lines]
-
-
 @pytest.fixture(scope="session")
 def quick(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     storage = tmp_path_factory.mktemp("results")
@@ -68,6 +51,7 @@ def quick(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     return storage, done
 
 
+@pytest.mark.e2e
 def test_the_quickstart_runs_end_to_end_on_cpus(quick):
     storage, done = quick
     experiment = storage / "quick"
@@ -81,27 +65,36 @@ def test_the_quickstart_runs_end_to_end_on_cpus(quick):
     assert str(experiment) in done.stdout and "3 planned: 3 completed" in done.stdout
     for name in ("trials.parquet", "epochs.parquet", "summary.md", "summary.csv", "summary.tex"):
         assert (experiment / "results" / name).exists()
+    trials = pd.read_parquet(experiment / "results" / "trials.parquet")
+    assert sorted(trials["loss"]) == ["cosine", "kl", "l2"]
+    assert set(trials["status"]) == {"completed"}
+    epochs = pd.read_parquet(experiment / "results" / "epochs.parquet")
+    assert sorted(zip(epochs["trial_id"], epochs["epoch"])) == [
+        (f"trial_{index:04d}", epoch) for index in range(3) for epoch in (1, 2)
+    ]
 
 
-def test_the_report_notebook_runs_against_the_quickstart(quick, monkeypatch):
-    storage, _ = quick
-    notebook = nbformat.read(ROOT / "analysis" / "sweep_report.ipynb", as_version=4)
-    monkeypatch.setenv("TUNE_KD_EXPERIMENT", str(storage / "quick"))
-    NotebookClient(notebook, timeout=300, kernel_name="python3").execute()
-    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
-    assert not [o for o in outputs if o.get("output_type") == "error"]
-    text = "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in outputs)
-    assert "3 planned: 3 completed" in text
-    assert any("image/png" in o.get("data", {}) for o in outputs)
-
-
+@pytest.mark.e2e
 def test_the_teacher_is_cached_in_the_fields_format(quick):
+    """The cached teacher is the field's checkpoint of the model the trials distilled from: its
+    weights load strictly into a new resnet14 and score what it records and the trials measured."""
     storage, _ = quick
+    experiment = storage / "quick"
     [checkpoint] = (storage / "teachers").glob("resnet14_vanilla-*/ckpt_epoch_1.pth")
-    model = models.load_checkpoint(checkpoint)
-    assert type(model).__name__ and model.get_classifier().out_features == 10
+    assert models.load_checkpoint(checkpoint).get_classifier().out_features == 10
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["epoch"] == 1
+    models.create("resnet14", 10).load_state_dict(saved["model"])  # strict: every key and shape
+    config = json.loads((experiment / "tune_kd_plan.json").read_text())["trials"][0]["config"]
+    scored = train.Run([{**config, "device": "cpu"}], teacher_state=saved["model"])
+    assert scored.teacher_test_acc == pytest.approx(saved["best_acc"])
+    for index in range(3):  # every epoch of every trial measured the same teacher
+        lines = result_lines(experiment / f"trial_{index:04d}")
+        measured = [line["teacher_test_acc"] for line in lines]
+        assert measured == [pytest.approx(saved["best_acc"])] * 2
 
 
+@pytest.mark.e2e
 def test_an_interrupted_sweep_of_groups_resumes_without_rerunning_finished_ones(
     quick, inject_faults
 ):
@@ -175,24 +168,15 @@ def test_a_dry_run_starts_nothing(tmp_path):
 
 
 def test_missing_cifar_is_one_line_and_nothing_is_written(tmp_path):
-    env = {**os.environ, "TUNE_KD_DATA": str(tmp_path / "data")}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tune_kd.run",
-            "--space",
-            str(ROOT / "search_spaces" / "teachers.yaml"),
-            "--set",
-            "download=false",
-            "--storage",
-            str(tmp_path / "results"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    done = sweep(
+        "--space",
+        str(ROOT / "search_spaces" / "teachers.yaml"),
+        "--set",
+        "download=false",
+        "--storage",
+        str(tmp_path / "results"),
+        env={"TUNE_KD_DATA": str(tmp_path / "data")},
         timeout=300,
-        env=env,
     )
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1 and str(tmp_path / "data") in done.stderr

@@ -23,6 +23,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import epochs_of
+
+pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).parents[1]
 SPACE = """
@@ -41,12 +44,6 @@ grid:
 resources: {cpu: 1}
 """
 HOLD_THE_SECOND_TRIAL = {"trial_0001": {"epoch": 2, "kind": "hold", "times": 1, "wait": True}}
-
-
-def epochs_of(trial: Path) -> list[int]:
-    results = trial / "result.json"
-    lines = results.read_text().splitlines() if results.exists() else []
-    return [json.loads(line)["epoch"] for line in lines]
 
 
 def free_port() -> int:

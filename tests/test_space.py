@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,11 @@ def test_dry_run_of_each_shipped_file(name, tmp_path, capsys):
     assert run.main(["--dry-run", "--space", str(SHIPPED / name), "--storage", str(storage)]) == 0
     out = capsys.readouterr().out
     assert f"\n{EXPECTED_TRIALS[name]} trials" in out
-    assert "GPU-hours" in out and "resources per trial" in out
+    assert "resources per trial" in out
+    estimate = re.search(r"compute: ([\d.]+) GPU-hours(?: \(([\d.]+) one trial at a time\))?", out)
+    hours, alone = float(estimate[1]), float(estimate[2] or estimate[1])
+    assert hours <= alone and (hours > 0) == (name != "quickstart.yaml")  # seconds on synthetic
+    assert (estimate[2] is not None) == space.load(SHIPPED / name).group_students
     assert not storage.exists()
 
 

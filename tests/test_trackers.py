@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import sweep
 
 mlflow = pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
 
-ROOT = Path(__file__).parents[1]
 SPACE = """
 name: tracked
 dataset: synthetic
@@ -36,17 +34,11 @@ resources: {cpu: 1}
 """
 
 
-def sweep(tmp_path: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+def tracked_sweep(tmp_path: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """A sweep of the space above, written to `tmp_path`."""
     space = tmp_path / "tracked.yaml"
     space.write_text(SPACE)
-    return subprocess.run(
-        [sys.executable, "-m", "tune_kd.run", "--space", str(space), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, **env},
-    )
+    return sweep("--space", str(space), *args, env=env)
 
 
 def mlflow_env(tmp_path: Path) -> dict[str, str]:
@@ -66,6 +58,7 @@ def mlflow_runs(tmp_path: Path, experiment: str, monkeypatch) -> tuple[Any, list
     return client, client.search_runs([found.experiment_id])
 
 
+@pytest.mark.e2e
 def test_every_trial_is_one_tracker_run_with_its_grid_values(tmp_path, monkeypatch):
     wandb = importlib_or_none("wandb")
     wandb_dir = tmp_path / "wandb"
@@ -73,7 +66,7 @@ def test_every_trial_is_one_tracker_run_with_its_grid_values(tmp_path, monkeypat
     args = ["--storage", str(tmp_path / "results"), "--name", "tracked", "--tracker", "mlflow"]
     if wandb:
         args += ["--tracker", "wandb"]
-    done = sweep(tmp_path, *args, env=env)
+    done = tracked_sweep(tmp_path, *args, env=env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
 
     client, runs = mlflow_runs(tmp_path, "tracked", monkeypatch)
@@ -100,8 +93,9 @@ def test_every_trial_is_one_tracker_run_with_its_grid_values(tmp_path, monkeypat
             assert b"test_acc" in records
 
 
+@pytest.mark.e2e
 def test_a_group_of_students_is_one_run_with_each_students_metrics(tmp_path, monkeypatch):
-    done = sweep(
+    done = tracked_sweep(
         tmp_path,
         "--storage",
         str(tmp_path / "results"),
@@ -134,7 +128,7 @@ def test_a_group_of_students_is_one_run_with_each_students_metrics(tmp_path, mon
     ],
 )
 def test_a_tracker_that_cannot_log_is_one_line_before_anything_starts(tmp_path, args, env, message):
-    done = sweep(tmp_path, *args, "--storage", str(tmp_path / "results"), env=env)
+    done = tracked_sweep(tmp_path, *args, "--storage", str(tmp_path / "results"), env=env)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and message in done.stderr and "trackers" in done.stderr
     assert not (tmp_path / "results").exists()
