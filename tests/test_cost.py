@@ -44,12 +44,12 @@ def test_the_first_grid_costs_what_it_cost_on_the_h100(study):
 
 
 # docs/PERFORMANCE.md's table: file -> GPU-hours alone, grouped one after another, grouped and
-# fused (modelled), and of the teachers trained first.
+# fused (at the fused rate measured on an H200), and of the teachers trained first.
 TABLE = {
-    "study_losses.yaml": (5.2, 3.1, 1.5, 0.1),
-    "study_multi_projector.yaml": (2.1, 1.2, 0.6, 0.4),
-    "study_all_projectors.yaml": (2.2, 1.3, 0.7, 0.4),
-    "study_teacher_correct.yaml": (2.1, 1.2, 0.6, 0.4),
+    "study_losses.yaml": (5.2, 3.1, 4.0, 0.1),
+    "study_multi_projector.yaml": (2.1, 1.2, 1.6, 0.4),
+    "study_all_projectors.yaml": (2.2, 1.3, 1.7, 0.4),
+    "study_teacher_correct.yaml": (2.1, 1.2, 1.6, 0.4),
 }
 
 
@@ -66,14 +66,15 @@ def test_the_study_files_cost_what_the_performance_notes_say(name, table):
 
 
 def test_the_dry_run_prints_the_estimate_with_and_without_groups(study, tmp_path, capsys):
-    """By default the study's groups are fused; the dry run adds the teacher trained first."""
-    with_teacher = grouped_hours(study, fuse=True) + teacher_hours(study)
+    """By default the study's groups train one after another; the dry run adds the teacher
+    trained first."""
+    with_teacher = grouped_hours(study, fuse=False) + teacher_hours(study)
     one_at_a_time = alone_hours(study) + teacher_hours(study)
     storage = tmp_path / "results"
     assert run.main(["--dry-run", "--space", str(STUDY), "--storage", str(storage)]) == 0
     expected = f"{with_teacher:.1f} GPU-hours ({one_at_a_time:.1f} one trial at a time)"
     assert f"estimated compute: {expected}" in capsys.readouterr().out
-    assert expected == "1.6 GPU-hours (5.3 one trial at a time)"
+    assert expected == "3.2 GPU-hours (5.3 one trial at a time)"
 
 
 def hours(config: Config, seconds_per_image: float) -> float:
@@ -89,13 +90,13 @@ def test_a_group_saves_exactly_the_teacher_passes_it_shares(study):
     assert saved == pytest.approx(3 * 14 * teacher)
 
 
-def test_grouping_never_costs_more_and_fusing_never_beats_one_student_alone(study):
+def test_grouping_saves_and_fusing_costs_more_than_one_after_another(study):
     for group in spaces.groups(study):
         configs = [t.config for t in group]
         alone = sum(cost.gpu_hours(c) for c in configs)
         one_after_another = cost.group_gpu_hours([c.replace(fuse_students=False) for c in configs])
         fused = cost.group_gpu_hours([c.replace(fuse_students=True) for c in configs])
-        assert fused <= one_after_another < alone
+        assert one_after_another < alone and one_after_another < fused  # as measured on an H200
         assert fused >= cost.gpu_hours(configs[0])  # 15 fused students: at least one's time
 
 
@@ -137,7 +138,6 @@ def test_flops_count_the_teachers_forward_and_the_projectors():
     assert cost.pass_flops(alone)[0] == 0  # no teacher
     assert cost.pass_flops(simkd)[0] > 0 and cost.pass_flops(kd)[0] > 0
     assert cost.pass_flops(simkd)[1] > cost.pass_flops(alone)[1]  # the projector's step
-    assert cost.step_flops(simkd) == sum(cost.pass_flops(simkd))
     # measured passes are taken as measured
     measured = Config.from_dict({"teacher": "resnet38x2", "student": "resnet8x4"})
     assert cost.teacher_seconds(measured) == cost.TEACHER_FORWARD_SECONDS["resnet38x2"]
