@@ -333,7 +333,7 @@ def test_resolve_is_idempotent_and_leaves_its_input_alone(cuda, available):
     config = Config(teacher="resnet8", student="MobileNetV2", compile="reduce-overhead")
     resolved = resolve(config)
     assert resolve(resolved) == resolved
-    assert (config.lr, config.device, config.fuse_students) == (None, "auto", None)
+    assert (config.lr, config.device, config.ce_weight) == (None, "auto", None)
 
 
 # ----------------------------------------------------------------------------- suggest, describe
