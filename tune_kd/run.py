@@ -9,103 +9,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-import yaml
-
-from tune_kd import cli, cost, models
+from tune_kd import cli, cost, teachers
 from tune_kd import data as datasets
 from tune_kd import space as spaces
-from tune_kd.config import ConfigError
-from tune_kd.space import Space, SpaceError, TeacherNeed, Trial
+from tune_kd.config import Config, ConfigError
+from tune_kd.space import Space, SpaceError, Trial
 from tune_kd.storage import PLAN_FILE, Storage
 from tune_kd.train import parse_overrides
 
 DEFAULT_SPACE = Path("search_spaces/study_losses.yaml")
 DEFAULT_STORAGE = "results"
-
-
-# ----------------------------------------------------------------------------- teachers
-
-
-def teacher_parts(need: TeacherNeed) -> tuple[str, str, str]:
-    """Where a recipe's teacher is cached: the field's `<arch>_vanilla/ckpt_epoch_<E>.pth` layout,
-    with the recipe's hash in the folder name."""
-    assert need.recipe is not None
-    folder = f"{need.arch}_vanilla-{spaces.recipe_hash(need.recipe)}"
-    return "teachers", folder, f"ckpt_epoch_{need.recipe.epochs}.pth"
-
-
-def with_teacher_paths(space: Space, storage: Storage) -> Space:
-    """Point the trials that distil from a recipe's teacher at its cached checkpoint."""
-    trials = []
-    for trial in space.trials:
-        config = trial.config
-        if config.method != "student" and config.teacher_checkpoint is None:
-            recipe = spaces.teacher_recipe(config, space.teacher_train or {})
-            path = storage.uri_of(*teacher_parts(TeacherNeed(config.teacher, recipe=recipe)))
-            config = dataclasses.replace(config, teacher_checkpoint=path)
-        trials.append(dataclasses.replace(trial, config=config))
-    return dataclasses.replace(space, trials=trials)
-
-
-def numpy_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-
-
-def load_teacher_states(space: Space, storage: Storage) -> dict[str, dict[str, np.ndarray]]:
-    """The weights of every teacher of the plan, keyed as the trials' `teacher_checkpoint`."""
-    states = {}
-    for need in space.teachers:
-        if need.checkpoint:
-            states[need.checkpoint] = numpy_state(
-                models.load_checkpoint(need.checkpoint, need.arch)
-            )
-            continue
-        parts = teacher_parts(need)
-        with tempfile.TemporaryDirectory() as folder:
-            local = Path(folder) / parts[-1]
-            local.write_bytes(storage.read(*parts))
-            model = models.load_checkpoint(local, name=need.arch)
-        states[storage.uri_of(*parts)] = numpy_state(model)
-    return states
-
-
-def train_missing_teachers(space: Space, storage: Storage, launcher: Launcher) -> None:
-    """Train, as Tune trials, the recipe teachers not yet in the cache, and cache them."""
-    missing = [n for n in space.teachers if n.recipe and not storage.exists(*teacher_parts(n))]
-    if not missing:
-        return
-    print(f"training {len(missing)} teacher(s) first: {', '.join(n.arch for n in missing)}")
-    trials = [Trial(i, {"student": n.arch}, n.recipe) for i, n in enumerate(missing)]
-    teacher_space = dataclasses.replace(
-        space,
-        name="teachers",
-        trials=trials,
-        axes=["student"],
-        teachers=[],
-        search=spaces.Search(),
-        scheduler=spaces.Scheduler(),
-        group_students=False,
-    )
-    name = f"teachers-{time.strftime('%Y%m%d-%H%M%S')}"
-    results = launcher.fit(teacher_space, name, teachers={})
-    for need, result in zip(missing, results):
-        if result is None:
-            raise RuntimeError(f"training teacher {need.arch} failed: see {storage.uri_of(name)}")
-        storage.write(result, *teacher_parts(need))
-        storage.write(
-            yaml.safe_dump(need.recipe.to_dict()).encode(), *teacher_parts(need)[:2], "config.yaml"
-        )
 
 
 # ----------------------------------------------------------------------------- Ray
@@ -168,6 +90,23 @@ class Launcher:
         """Run `space` to the end; each planned trial's final student weights (None: it failed)."""
         results = self.tuner(space, name, teachers).fit()
         return final_students(results, space)
+
+    def fit_alone(self, space: Space, name: str, configs: Sequence[Config]) -> list[bytes | None]:
+        """Run `configs` (cross-entropy runs) as an experiment of their own under `space`'s
+        metric and trackers: one Tune trial each, labelled by its student, without search,
+        scheduler or teachers; each one's final weights (None: it failed)."""
+        trials = [Trial(i, {"student": c.student}, c) for i, c in enumerate(configs)]
+        alone = dataclasses.replace(
+            space,
+            name=name,
+            trials=trials,
+            axes=["student"],
+            teachers=[],
+            search=spaces.Search(),
+            scheduler=spaces.Scheduler(),
+            group_students=False,
+        )
+        return self.fit(alone, name, teachers={})
 
     def restore(self, space: Space, name: str, teachers: Mapping[str, Any]) -> Any:
         from ray import tune
@@ -288,7 +227,7 @@ def describe_plan(space: Space) -> str:
         f" scheduler {space.scheduler.name}; search {space.search.algorithm}"
     )
     for need in space.teachers:
-        source = need.checkpoint or f"trained first (recipe {spaces.recipe_hash(need.recipe)})"
+        source = need.checkpoint or f"trained first (recipe {teachers.recipe_hash(need.recipe)})"
         lines.append(f"teacher {need.arch}: {source}")
     hours, alone = plan_gpu_hours(space), plan_gpu_hours(space, grouped=False)
     lines.append(
@@ -472,34 +411,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.max_failures,
     )
     try:
-        train_missing_teachers(space, storage, launcher)
+        teachers.train_missing(
+            space.teachers, storage, functools.partial(launcher.fit_alone, space)
+        )
     except RuntimeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    space = with_teacher_paths(space, storage)
-    teachers = load_teacher_states(space, storage)
+    space = space.with_teacher_checkpoints(teachers.cached_checkpoints(space.teachers, storage))
+    states = teachers.load_states(space.teachers, storage)
     if args.resume:
         print(f"resuming {storage.uri_of(name)}")
-        results = launcher.restore(space, name, teachers).fit()
+        results = launcher.restore(space, name, states).fit()
     else:
         write_plan(storage, name, space, space_text, overrides, launcher.resources)
-        results = launcher.tuner(space, name, teachers).fit()
-    cache_finished_teachers(space, storage, results)
+        results = launcher.tuner(space, name, states).fit()
+    trained = final_students(results, space)
+    teachers.cache_finished([t.config for t in space.trials], trained, storage)
     failed = report_results(storage, name).failures
     if failed:
         print(f"error: {len(failed)} of {space.planned} trials failed", file=sys.stderr)
         return 1
     return 0
-
-
-def cache_finished_teachers(space: Space, storage: Storage, results: Any) -> None:
-    """Cross-entropy runs of the paper's recipe double as teachers for later sweeps."""
-    for trial, weights in zip(space.trials, final_students(results, space)):
-        if weights is None or trial.config.method != "student":
-            continue
-        need = TeacherNeed(trial.config.student, recipe=trial.config)
-        if not storage.exists(*teacher_parts(need)):
-            storage.write(weights, *teacher_parts(need))
 
 
 def report_results(storage: Storage, name: str) -> Any:

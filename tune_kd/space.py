@@ -21,7 +21,6 @@ mappings, each setting several keys together: `pair: [{teacher: resnet32x4, stud
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
 import math
@@ -33,20 +32,20 @@ from typing import Any
 
 import yaml
 
-from tune_kd import models
+from tune_kd import teachers
 from tune_kd.cli import first_line
 from tune_kd.config import (
-    DATA_KEYS,
-    EXECUTION_KEYS,
     KEYS,
     SHARED_KEYS,
+    UNUSED_BY_METHOD,
     Config,
     ConfigError,
     check_key,
     check_value,
-    resolve,
     suggest,
 )
+from tune_kd.teachers import TeacherNeed
+from tune_kd.teachers import check_checkpoint as check_checkpoint  # tune_kd.train's import
 
 SCHEDULERS = ("fifo", "asha")
 SEARCH_ALGORITHMS = ("grid", "optuna")
@@ -55,20 +54,6 @@ RANGE_KINDS = ("uniform", "loguniform", "randint", "choice")
 METRICS = ("best_test_acc", "test_acc", "test_acc_top5")
 # Experiment trackers a sweep can log to besides TensorBoard (Ray Tune's logger callbacks).
 TRACKERS = ("mlflow", "wandb")
-# Keys without effect under a method: left out of a trial's labels so tables do not split on them.
-UNUSED_BY_METHOD = {
-    "student": (
-        "teacher",
-        "teacher_checkpoint",
-        "loss",
-        "projector",
-        "projector_design",
-        "factor",
-        "teacher_correct_only",
-    ),
-    "kd": ("loss", "projector", "projector_design", "factor"),
-    "simkd": (),
-}
 # Names of experiments: one path component under the storage, never `..` or a path.
 FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 # A space file holds a few hundred values; YAML aliases can make a few lines stand for billions.
@@ -120,11 +105,13 @@ class Search:
 
 @dataclass(frozen=True)
 class Trial:
-    """One planned run: its place in the plan, the values that identify it, its configuration."""
+    """One planned run: its place in the plan, the values that identify it, its configuration,
+    and the `TeacherNeed.key` of the teacher it distils from (None: a student trained alone)."""
 
     index: int
     axes: dict[str, Any]
     config: Config
+    teacher_key: str | None = None
 
     @property
     def labels(self) -> dict[str, Any]:
@@ -138,20 +125,6 @@ class Trial:
         return labels
 
 
-@dataclass(frozen=True)
-class TeacherNeed:
-    """A teacher some trials distil from: a checkpoint file, or a recipe to train it first."""
-
-    arch: str
-    checkpoint: str | None = None
-    recipe: Config | None = None
-
-    @property
-    def key(self) -> str:
-        """Where trials find its weights: the checkpoint path, or the recipe's hash."""
-        return self.checkpoint if self.checkpoint else f"recipe:{recipe_hash(self.recipe)}"
-
-
 @dataclass
 class Space:
     path: Path
@@ -161,7 +134,6 @@ class Space:
     trials: list[Trial]
     axes: list[str]
     teachers: list[TeacherNeed]
-    teacher_train: dict[str, Any] | None
     resources: Resources
     scheduler: Scheduler
     search: Search
@@ -186,6 +158,20 @@ class Space:
         """Trials the sweep runs: the grid's, or Optuna's samples (`trials` then holds the one
         configuration its samples complete)."""
         return self.search.samples if self.search.algorithm == "optuna" else len(self.trials)
+
+    def with_teacher_checkpoints(self, checkpoints: Mapping[str, str]) -> Space:
+        """This space with every trial whose teacher is in `checkpoints` (by `TeacherNeed.key`)
+        distilling from that file: where the teachers trained first are cached."""
+        trials = [
+            dataclasses.replace(
+                t,
+                config=dataclasses.replace(t.config, teacher_checkpoint=checkpoints[t.teacher_key]),
+            )
+            if t.teacher_key in checkpoints
+            else t
+            for t in self.trials
+        ]
+        return dataclasses.replace(self, trials=trials)
 
 
 SPACE_KEYS = (
@@ -300,7 +286,10 @@ def _parse(path: Path, raw: dict[str, Any]) -> Space:
             "group_students",
             "students trained together cannot be stopped one by one: use scheduler fifo",
         )
-    teachers = _teachers(raw, trials)
+    needs = teachers.needed(
+        [t.config for t in trials], raw.get("teacher_checkpoints"), raw.get("teacher_train")
+    )
+    trials = [_distilling(trial, need) for trial, need in zip(trials, needs)]
     return Space(
         path=path,
         name=check_folder_name("name", check_value("name", raw.get("name", path.stem), str, {})),
@@ -308,8 +297,7 @@ def _parse(path: Path, raw: dict[str, Any]) -> Space:
         base=base,
         trials=trials,
         axes=axes,
-        teachers=teachers,
-        teacher_train=raw.get("teacher_train"),
+        teachers=list({n.key: n for n in needs if n}.values()),
         resources=_resources(raw.get("resources", {})),
         scheduler=scheduler,
         search=search,
@@ -383,78 +371,14 @@ def _grid_names(grids: list[dict]) -> list[str]:
     return ["grid"] if len(grids) == 1 else [f"grids[{i}]" for i in range(len(grids))]
 
 
-def _teachers(raw: dict[str, Any], trials: list[Trial]) -> list[TeacherNeed]:
-    """The teacher every distilling trial needs, resolved to a readable checkpoint or a recipe.
-
-    Trials get their `teacher_checkpoint` filled in from `teacher_checkpoints` (arch -> path)."""
-    paths = raw.get("teacher_checkpoints") or {}
-    if not isinstance(paths, dict):
-        raise ConfigError("teacher_checkpoints", "expected a mapping of architecture: path")
-    recipe = raw.get("teacher_train")
-    if recipe is not None and not isinstance(recipe, dict):
-        raise ConfigError(
-            "teacher_train", "expected a mapping of training keys ({} for the paper's)"
-        )
-    needs: dict[str, TeacherNeed] = {}
-    for i, trial in enumerate(trials):
-        config = trial.config
-        if config.method == "student":
-            continue
-        checkpoint = config.teacher_checkpoint or paths.get(config.teacher)
-        if checkpoint is None and recipe is None:
-            raise ConfigError(
-                "teacher_checkpoints",
-                f"no checkpoint for teacher '{config.teacher}': "
-                "list its path here, or give teacher_train to train it first",
-            )
-        need = (
-            TeacherNeed(config.teacher, checkpoint=str(checkpoint))
-            if checkpoint
-            else TeacherNeed(config.teacher, recipe=teacher_recipe(config, recipe))
-        )
-        if need.key not in needs:
-            if need.checkpoint:
-                check_checkpoint(
-                    need.checkpoint, need.arch, config, f"teacher_checkpoints.{config.teacher}"
-                )
-            needs[need.key] = need
-        if checkpoint and config.teacher_checkpoint != checkpoint:
-            trials[i] = dataclasses.replace(
-                trial, config=dataclasses.replace(config, teacher_checkpoint=str(checkpoint))
-            )
-    return list(needs.values())
-
-
-def teacher_recipe(config: Config, recipe: Mapping[str, Any]) -> Config:
-    """The teacher's own training run: the trial's data, cross-entropy, and the recipe's keys."""
-    values = {k: getattr(config, k) for k in DATA_KEYS}
-    try:
-        return Config.from_dict(
-            {**values, **recipe, "method": "student", "student": config.teacher}
-        )
-    except ConfigError as error:
-        raise ConfigError(f"teacher_train.{error.key}", error.detail) from None
-
-
-def recipe_hash(recipe: Config | None) -> str:
-    """A short hash of what a teacher's training computes (not where it runs)."""
-    assert recipe is not None
-    resolved = resolve(dataclasses.replace(recipe, device="cpu"))
-    unused = (*EXECUTION_KEYS, *UNUSED_BY_METHOD["student"])
-    values = {k: v for k, v in resolved.to_dict().items() if k not in unused}
-    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def check_checkpoint(path: str, arch: str, config: Config, key: str) -> None:
-    """Load a teacher on the CPU: an unreadable or mismatched file (another architecture, another
-    number of classes than `config`'s dataset) fails, naming `key`, before anything runs."""
-    try:
-        model = models.load_checkpoint(path, name=arch)
-    except ValueError as error:
-        raise ConfigError(key, first_line(error)) from None
-    classes, out = config.num_classes, models.num_classes(model)
-    if out != classes:
-        raise ConfigError(key, f"{path} has {out} classes but {config.dataset} has {classes}")
+def _distilling(trial: Trial, need: TeacherNeed | None) -> Trial:
+    """A trial with its teacher recorded, and that teacher's file when it has one."""
+    if need is None:
+        return trial
+    config = trial.config
+    if need.checkpoint:
+        config = dataclasses.replace(config, teacher_checkpoint=need.checkpoint)
+    return dataclasses.replace(trial, config=config, teacher_key=need.key)
 
 
 def check_folder_name(key: str, name: str) -> str:
