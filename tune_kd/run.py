@@ -57,7 +57,7 @@ class Launcher:
 
         bound = tune.with_parameters(
             train_trial,
-            plan=[[spaces.member_params(t) for t in group] for group in spaces.groups(space)],
+            plan=[[spaces.member_params(t) for t in group] for group in space.groups],
             base=sampling_base(space),
             data=self.data,
             teachers=teachers,
@@ -120,7 +120,7 @@ def final_students(results: Any, space: Space) -> list[bytes | None]:
     """Weights exported by each finished, non-diverged student, in plan order."""
     from tune_kd.trainable import student_file
 
-    packed = spaces.groups(space)
+    packed = space.groups
     students: list[bytes | None] = [None] * len(space.trials)
     for result in results:
         if result.error or result.checkpoint is None or "index" not in result.config:
@@ -217,7 +217,7 @@ def describe_plan(space: Space) -> str:
             f"  {t.index:>4}  " + "  ".join(f"{k}={v}" for k, v in t.axes.items())
             for t in space.trials
         ]
-    packed = spaces.groups(space)
+    packed = space.groups
     lines.append(
         f"{space.planned} trials"
         + (f" in {len(packed)} groups sharing the teacher's pass" if space.group_students else "")
@@ -241,7 +241,7 @@ def describe_plan(space: Space) -> str:
 def plan_gpu_hours(space: Space, grouped: bool = True) -> float:
     """Every Ray trial's estimate (an Optuna search: its samples at the base's cost), and the
     teachers trained first. `grouped=False`: every trial alone."""
-    packed = spaces.groups(space) if grouped else [[t] for t in space.trials]
+    packed = space.groups if grouped else [[t] for t in space.trials]
     hours = sum(cost.group_gpu_hours([t.config for t in group]) for group in packed)
     if space.search.algorithm == "optuna":
         hours *= space.search.samples
@@ -273,7 +273,7 @@ def write_plan(
         "axes": space.axes,
         "base": sampling_base(space),
         "base_labels": space.trials[0].labels if space.search.algorithm == "optuna" else {},
-        "groups": [[t.index for t in group] for group in spaces.groups(space)],
+        "groups": [[t.index for t in group] for group in space.groups],
         "metric": space.metric,
         "trials": [
             {"index": t.index, "axes": t.axes, "labels": t.labels, "config": t.config.to_dict()}

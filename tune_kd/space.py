@@ -21,6 +21,7 @@ mappings, each setting several keys together: `pair: [{teacher: resnet32x4, stud
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -158,6 +159,20 @@ class Space:
         """Trials the sweep runs: the grid's, or Optuna's samples (`trials` then holds the one
         configuration its samples complete)."""
         return self.search.samples if self.search.algorithm == "optuna" else len(self.trials)
+
+    @functools.cached_property
+    def groups(self) -> list[list[Trial]]:
+        """Trials packed into Ray trials: one each, or with `group_students`, every trial that
+        differs from another only in student-side keys in one group sharing the teacher's pass.
+        Computed once per Space (a changed space is a new Space, packed anew)."""
+        if not self.group_students:
+            return [[t] for t in self.trials]
+        packed: dict[str, list[Trial]] = {}
+        for trial in self.trials:
+            values = trial.config.to_dict()
+            key = json.dumps({k: values[k] for k in SHARED_KEYS}, sort_keys=True, default=str)
+            packed.setdefault(key, []).append(trial)
+        return list(packed.values())
 
     def with_teacher_checkpoints(self, checkpoints: Mapping[str, str]) -> Space:
         """This space with every trial whose teacher is in `checkpoints` (by `TeacherNeed.key`)
@@ -495,20 +510,6 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
 # ----------------------------------------------------------------------------- to Ray Tune
 
 
-def groups(space: Space) -> list[list[Trial]]:
-    """Trials packed into Ray trials: one each, or with `group_students`, every trial that
-    differs from another only in student-side keys in one group sharing the teacher's pass."""
-    if not space.group_students:
-        return [[t] for t in space.trials]
-
-    packed: dict[str, list[Trial]] = {}
-    for trial in space.trials:
-        values = trial.config.to_dict()
-        key = json.dumps({k: values[k] for k in SHARED_KEYS}, sort_keys=True, default=str)
-        packed.setdefault(key, []).append(trial)
-    return list(packed.values())
-
-
 def member_params(trial: Trial) -> dict[str, Any]:
     return {"index": trial.index, "axes": trial.axes, "config": trial.config.to_dict()}
 
@@ -520,7 +521,7 @@ def param_space(space: Space) -> dict[str, Any]:
 
     if space.search.algorithm == "optuna":
         return {key: _domain(r) for key, r in space.search.ranges.items()}
-    packed = groups(space)
+    packed = space.groups
     params: dict[str, Any] = {"index": tune.grid_search(list(range(len(packed))))}
     if space.group_students:
         params["students"] = tune.sample_from(_PlannedValue([len(g) for g in packed]))
