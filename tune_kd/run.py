@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
 import sys
 import time
@@ -18,12 +17,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tune_kd import cli, cost, teachers
+from tune_kd import cli, cost, plan, teachers
 from tune_kd import data as datasets
 from tune_kd import space as spaces
 from tune_kd.config import Config, ConfigError
 from tune_kd.space import Space, SpaceError, Trial
-from tune_kd.storage import PLAN_FILE, Storage
+from tune_kd.storage import Storage
 from tune_kd.train import parse_overrides
 
 DEFAULT_SPACE = Path("search_spaces/study_losses.yaml")
@@ -58,7 +57,7 @@ class Launcher:
         bound = tune.with_parameters(
             train_trial,
             plan=[[spaces.member_params(t) for t in group] for group in space.groups],
-            base=sampling_base(space),
+            base=space.sampling_base,
             data=self.data,
             teachers=teachers,
             threads=max(1, int(self.resources.cpu)),
@@ -248,42 +247,6 @@ def plan_gpu_hours(space: Space, grouped: bool = True) -> float:
     return hours + sum(cost.gpu_hours(n.recipe) for n in space.teachers if n.recipe)
 
 
-def sampling_base(space: Space) -> dict[str, Any]:
-    """The configuration Optuna's sampled values complete (with its teacher's checkpoint), or
-    nothing for a grid, whose trials are planned in full."""
-    return space.trials[0].config.to_dict() if space.search.algorithm == "optuna" else {}
-
-
-def write_plan(
-    storage: Storage,
-    name: str,
-    space: Space,
-    space_text: str,
-    overrides: Mapping[str, Any],
-    resources: spaces.Resources,
-) -> None:
-    """The plan beside Tune's files: every planned trial, so none is ever silently lost."""
-    plan = {
-        "name": space.name,
-        "resources": dataclasses.asdict(resources),
-        "space_file": str(space.path),
-        "space_text": space_text,
-        "overrides": dict(overrides),
-        "planned": space.planned,
-        "axes": space.axes,
-        "base": sampling_base(space),
-        "base_labels": space.trials[0].labels if space.search.algorithm == "optuna" else {},
-        "groups": [[t.index for t in group] for group in space.groups],
-        "metric": space.metric,
-        "trials": [
-            {"index": t.index, "axes": t.axes, "labels": t.labels, "config": t.config.to_dict()}
-            for t in space.trials
-            if space.search.algorithm == "grid"  # Optuna's trials are sampled as it runs
-        ],
-    }
-    storage.write(json.dumps(plan, indent=1, default=str).encode(), name, PLAN_FILE)
-
-
 # ----------------------------------------------------------------------------- command line
 
 
@@ -336,19 +299,17 @@ def experiment_name(args: argparse.Namespace, space: Space, storage: Storage) ->
             raise SpaceError(space.path, error.key, error.detail) from None
     if not args.resume:
         name = args.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if storage.exists(name, PLAN_FILE):
+        if plan.has_plan(storage, name):
             raise SpaceError(
                 space.path, "--name", f"experiment '{name}' exists: add --resume to continue it"
             )
         return name
     if args.name:
-        if not storage.exists(args.name, PLAN_FILE):
+        if not plan.has_plan(storage, args.name):
             raise SpaceError(space.path, "--name", f"no experiment '{args.name}' in {storage.uri}")
         return args.name
     earlier = [
-        f
-        for f in storage.folders()
-        if f.startswith(space.name + "-") and storage.exists(f, PLAN_FILE)
+        f for f in storage.folders() if f.startswith(space.name + "-") and plan.has_plan(storage, f)
     ]
     if not earlier:
         raise SpaceError(
@@ -368,20 +329,13 @@ def prepare(args: argparse.Namespace) -> tuple[Space, Storage, str, str, dict[st
         raise ConfigError("--storage", unwritable)
     name = experiment_name(args, space, storage)
     if args.resume:  # the experiment's own plan, not the file as it is now
-        space_text, overrides = planned_space(storage, name)
+        try:
+            space_text, overrides = plan.planned_space(storage, name)
+        except plan.PlanError as error:
+            raise ConfigError("--resume", str(error)) from None
         space = spaces.load_text(space_text, args.space, overrides)
     space = with_trackers(space, args.tracker)
     return space, storage, name, space_text, overrides
-
-
-def planned_space(storage: Storage, name: str) -> tuple[str, dict[str, Any]]:
-    """The space file's text and the overrides an experiment was planned with."""
-    try:
-        plan = json.loads(storage.read(name, PLAN_FILE))
-        return plan["space_text"], plan["overrides"]
-    except (ValueError, TypeError, KeyError) as error:
-        where = storage.uri_of(name, PLAN_FILE)
-        raise ConfigError("--resume", f"{where} is not a readable plan ({error!r})") from None
 
 
 def load_datasets(space: Space) -> dict[str, datasets.Arrays]:
@@ -423,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"resuming {storage.uri_of(name)}")
         results = launcher.restore(space, name, states).fit()
     else:
-        write_plan(storage, name, space, space_text, overrides, launcher.resources)
+        plan.write_plan(storage, name, space, space_text, overrides, launcher.resources)
         results = launcher.tuner(space, name, states).fit()
     trained = final_students(results, space)
     teachers.cache_finished([t.config for t in space.trials], trained, storage)

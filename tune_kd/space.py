@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from tune_kd import teachers
+from tune_kd import plan, teachers
 from tune_kd.cli import first_line
 from tune_kd.config import (
     KEYS,
@@ -159,6 +159,12 @@ class Space:
         """Trials the sweep runs: the grid's, or Optuna's samples (`trials` then holds the one
         configuration its samples complete)."""
         return self.search.samples if self.search.algorithm == "optuna" else len(self.trials)
+
+    @property
+    def sampling_base(self) -> dict[str, Any]:
+        """The configuration Optuna's sampled values complete (with its teacher's checkpoint), or
+        nothing for a grid, whose trials are planned in full."""
+        return self.trials[0].config.to_dict() if self.search.algorithm == "optuna" else {}
 
     @functools.cached_property
     def groups(self) -> list[list[Trial]]:
@@ -588,6 +594,5 @@ def tune_config(space: Space, max_concurrent: int | None) -> Any:
 def trial_name(trial: Any) -> str:
     """`trial_0007` for planned trial 7, `group_0002` for a packed group, the id when sampled."""
     if "index" not in trial.config:
-        return f"trial_{trial.trial_id}"
-    kind = "group" if "students" in trial.config else "trial"
-    return f"{kind}_{trial.config['index']:04d}"
+        return plan.sampled_folder_name(trial.trial_id)
+    return plan.trial_folder_name(trial.config["index"], grouped="students" in trial.config)
