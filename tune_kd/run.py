@@ -10,18 +10,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tune_kd import cli, cost, plan, teachers
+from tune_kd import cli, cost, plan, teachers, tuner
 from tune_kd import data as datasets
 from tune_kd import space as spaces
-from tune_kd.config import Config, ConfigError
-from tune_kd.space import Space, SpaceError, Trial
+from tune_kd.config import ConfigError
+from tune_kd.space import Space, SpaceError
 from tune_kd.storage import Storage
 from tune_kd.train import parse_overrides
 
@@ -30,151 +29,6 @@ DEFAULT_STORAGE = "results"
 
 
 # ----------------------------------------------------------------------------- Ray
-
-
-class Launcher:
-    """Ray Tune for one storage location: builds the trainable and the Tuner, runs or restores."""
-
-    def __init__(
-        self,
-        storage: Storage,
-        data: Mapping[str, datasets.Arrays],
-        resources: spaces.Resources,
-        max_concurrent: int | None,
-        max_failures: int,
-    ):
-        self.storage = storage
-        self.data = data
-        self.resources = resources
-        self.max_concurrent = max_concurrent
-        self.max_failures = max_failures
-
-    def trainable(self, space: Space, teachers: Mapping[str, Any]) -> Any:
-        from ray import tune
-
-        from tune_kd.trainable import train_trial
-
-        bound = tune.with_parameters(
-            train_trial,
-            plan=[[spaces.member_params(t) for t in group] for group in space.groups],
-            base=space.sampling_base,
-            data=self.data,
-            teachers=teachers,
-            threads=max(1, int(self.resources.cpu)),
-        )
-        return tune.with_resources(bound, {"cpu": self.resources.cpu, "gpu": self.resources.gpu})
-
-    def tuner(self, space: Space, name: str, teachers: Mapping[str, Any]) -> Any:
-        from ray import tune
-
-        from tune_kd.trainable import KeepResultsOnRetry
-
-        run_config = tune.RunConfig(
-            name=name,
-            storage_path=self.storage.uri,
-            failure_config=tune.FailureConfig(max_failures=self.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            progress_reporter=progress_reporter(space),
-            callbacks=[KeepResultsOnRetry(), *tracker_callbacks(space, name)],
-            verbose=1,
-        )
-        return tune.Tuner(
-            self.trainable(space, teachers),
-            param_space=spaces.param_space(space),
-            tune_config=spaces.tune_config(space, self.max_concurrent),
-            run_config=run_config,
-        )
-
-    def fit(self, space: Space, name: str, teachers: Mapping[str, Any]) -> list[bytes | None]:
-        """Run `space` to the end; each planned trial's final student weights (None: it failed)."""
-        results = self.tuner(space, name, teachers).fit()
-        return final_students(results, space)
-
-    def fit_alone(self, space: Space, name: str, configs: Sequence[Config]) -> list[bytes | None]:
-        """Run `configs` (cross-entropy runs) as an experiment of their own under `space`'s
-        metric and trackers: one Tune trial each, labelled by its student, without search,
-        scheduler or teachers; each one's final weights (None: it failed)."""
-        trials = [Trial(i, {"student": c.student}, c) for i, c in enumerate(configs)]
-        alone = dataclasses.replace(
-            space,
-            name=name,
-            trials=trials,
-            axes=["student"],
-            teachers=[],
-            search=spaces.Search(),
-            scheduler=spaces.Scheduler(),
-            group_students=False,
-        )
-        return self.fit(alone, name, teachers={})
-
-    def restore(self, space: Space, name: str, teachers: Mapping[str, Any]) -> Any:
-        from ray import tune
-
-        return tune.Tuner.restore(
-            self.storage.uri_of(name), self.trainable(space, teachers), resume_errored=True
-        )
-
-
-def final_students(results: Any, space: Space) -> list[bytes | None]:
-    """Weights exported by each finished, non-diverged student, in plan order."""
-    from tune_kd.trainable import student_file
-
-    packed = space.groups
-    students: list[bytes | None] = [None] * len(space.trials)
-    for result in results:
-        if result.error or result.checkpoint is None or "index" not in result.config:
-            continue
-        with result.checkpoint.as_directory() as folder:
-            for position, trial in enumerate(packed[result.config["index"]]):
-                path = Path(folder) / student_file(position)
-                if path.exists():
-                    students[trial.index] = path.read_bytes()
-    return students
-
-
-def progress_reporter(space: Space) -> Any:
-    """One compact table of every trial: its grid values and accuracies, best first."""
-    from ray import tune
-
-    # Tune's newer per-trial boxes ignore reporters; its table scales better to large sweeps.
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    return tune.CLIReporter(
-        parameter_columns=spaces.shown_params(space),
-        metric_columns={
-            "epoch": "epoch",
-            "test_acc": "acc",
-            "best_test_acc": "best",
-            "diverged": "diverged",
-        },
-        max_report_frequency=30,
-        print_intermediate_tables=True,  # by default only while Tune's verbosity is at its start
-        max_progress_rows=50,
-        sort_by_metric=True,
-    )
-
-
-def with_trackers(space: Space, added: Sequence[str]) -> Space:
-    """The space file's trackers and those of `--tracker`, each ready to log (else one line)."""
-    names = list(dict.fromkeys([*space.trackers, *added]))
-    if not names:
-        return space
-    from tune_kd import trackers
-
-    for name in names:
-        problem = trackers.missing_setup(name)
-        if problem:
-            raise SpaceError(space.path, "trackers", problem)
-    return dataclasses.replace(space, trackers=names)
-
-
-def tracker_callbacks(space: Space, experiment: str) -> list[Any]:
-    """Ray Tune's logger callbacks of the space's trackers (TensorBoard's is always on)."""
-    if not space.trackers:
-        return []
-    from tune_kd import trackers
-
-    axes = space.axes or list(space.search.ranges)  # a grid's axes, or Optuna's sampled keys
-    return trackers.callbacks(space.trackers, axes, experiment)
 
 
 def start_ray(address: str | None) -> bool:
@@ -200,7 +54,7 @@ def effective_resources(requested: spaces.Resources, local: bool) -> spaces.Reso
     return requested
 
 
-# ----------------------------------------------------------------------------- plan
+# ----------------------------------------------------------------------------- the dry run
 
 
 def describe_plan(space: Space) -> str:
@@ -318,6 +172,20 @@ def experiment_name(args: argparse.Namespace, space: Space, storage: Storage) ->
     return earlier[-1]
 
 
+def with_trackers(space: Space, added: Sequence[str]) -> Space:
+    """The space file's trackers and those of `--tracker`, each ready to log (else one line)."""
+    names = list(dict.fromkeys([*space.trackers, *added]))
+    if not names:
+        return space
+    from tune_kd import trackers
+
+    for name in names:
+        problem = trackers.missing_setup(name)
+        if problem:
+            raise SpaceError(space.path, "trackers", problem)
+    return dataclasses.replace(space, trackers=names)
+
+
 def prepare(args: argparse.Namespace) -> tuple[Space, Storage, str, str, dict[str, Any]]:
     """Everything that can fail on bad input, before anything is written or started."""
     storage = Storage(args.storage)
@@ -357,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SpaceError, ConfigError, datasets.DatasetUnavailable) as error:
         return cli.fail(error)
     local = start_ray(args.address)
-    launcher = Launcher(
+    launcher = tuner.Launcher(
         storage,
         data,
         effective_resources(space.resources, local),
@@ -379,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         plan.write_plan(storage, name, space, space_text, overrides, launcher.resources)
         results = launcher.tuner(space, name, states).fit()
-    trained = final_students(results, space)
+    trained = tuner.final_students(results, space)
     teachers.cache_finished([t.config for t in space.trials], trained, storage)
     failed = report_results(storage, name).failures
     if failed:

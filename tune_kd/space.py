@@ -1,4 +1,4 @@
-"""Search-space files: load, validate in full, expand into trials, and describe them to Ray Tune.
+"""Search-space files: read safely, validate in full, and expand into trials.
 
 A space file is a run configuration (any key of `tune_kd.config.Config`, single values) plus a few
 sweep keys:
@@ -16,6 +16,9 @@ sweep keys:
 
 `grids:` (a list of grids) runs their union. A grid axis that is not a configuration key takes
 mappings, each setting several keys together: `pair: [{teacher: resnet32x4, student: vgg8}, ...]`.
+
+The teachers the trials distil from are resolved by `tune_kd.teachers`; `tune_kd.tuner` hands the
+trials to Ray Tune.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from tune_kd import plan, teachers
+from tune_kd import teachers
 from tune_kd.cli import first_line
 from tune_kd.config import (
     KEYS,
@@ -511,88 +514,3 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
     if problem and mark is not None:
         return f"{problem} at line {mark.line + 1}"
     return first_line(error)
-
-
-# ----------------------------------------------------------------------------- to Ray Tune
-
-
-def member_params(trial: Trial) -> dict[str, Any]:
-    return {"index": trial.index, "axes": trial.axes, "config": trial.config.to_dict()}
-
-
-def param_space(space: Space) -> dict[str, Any]:
-    """Tune's view of the plan: a grid over packed trials, each axis shown as a column of its own;
-    or the ranges Optuna samples."""
-    from ray import tune
-
-    if space.search.algorithm == "optuna":
-        return {key: _domain(r) for key, r in space.search.ranges.items()}
-    packed = space.groups
-    params: dict[str, Any] = {"index": tune.grid_search(list(range(len(packed))))}
-    if space.group_students:
-        params["students"] = tune.sample_from(_PlannedValue([len(g) for g in packed]))
-    for axis in space.axes:
-        values = [{t.axes.get(axis) for t in group} for group in packed]
-        if all(len(v) == 1 for v in values):
-            params[axis] = tune.sample_from(_PlannedValue([v.pop() for v in values]))
-    return params
-
-
-def shown_params(space: Space) -> list[str]:
-    """The keys every trial's config has for the progress table: the plan's columns, or the
-    values Optuna samples (a group's trial holds only the axes all its students share)."""
-    return [key for key in param_space(space) if key != "index"]
-
-
-class _PlannedValue:
-    """A plan column for Tune: the value of one axis in the trial whose index was drawn."""
-
-    def __init__(self, values: list[Any]):
-        self.values = values
-
-    def __call__(self, config: dict[str, Any]) -> Any:
-        return self.values[config["index"]]
-
-
-def _domain(r: Range) -> Any:
-    from ray import tune
-
-    make = {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}
-    return tune.choice(list(r.args)) if r.kind == "choice" else make[r.kind](*r.args)
-
-
-def tune_config(space: Space, max_concurrent: int | None) -> Any:
-    """Metric, scheduler, search algorithm and trial names of the sweep."""
-    from ray import tune
-
-    scheduler = search_alg = None
-    if space.scheduler.name == "asha":
-        from ray.tune.schedulers import ASHAScheduler
-
-        scheduler = ASHAScheduler(
-            time_attr="epoch",
-            max_t=max(t.config.epochs for t in space.trials),
-            grace_period=space.scheduler.grace_period,
-            reduction_factor=space.scheduler.reduction_factor,
-        )
-    if space.search.algorithm == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        search_alg = OptunaSearch(seed=space.search.seed)
-    return tune.TuneConfig(
-        metric=space.metric,
-        mode="max",
-        scheduler=scheduler,
-        search_alg=search_alg,
-        num_samples=space.search.samples if space.search.algorithm == "optuna" else 1,
-        max_concurrent_trials=max_concurrent,
-        trial_name_creator=trial_name,
-        trial_dirname_creator=trial_name,
-    )
-
-
-def trial_name(trial: Any) -> str:
-    """`trial_0007` for planned trial 7, `group_0002` for a packed group, the id when sampled."""
-    if "index" not in trial.config:
-        return plan.sampled_folder_name(trial.trial_id)
-    return plan.trial_folder_name(trial.config["index"], grouped="students" in trial.config)
