@@ -159,7 +159,7 @@ def train_missing(
     if not missing:
         return
     print(f"training {len(missing)} teacher(s) first: {', '.join(n.arch for n in missing)}")
-    name = f"{CACHE_FOLDER}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = f"teachers-{time.strftime('%Y%m%d-%H%M%S')}"
     results = train(name, [n.recipe for n in missing])
     for need, result in zip(missing, results):
         if result is None:
