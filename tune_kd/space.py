@@ -131,10 +131,12 @@ class Trial:
 
 @dataclass
 class Space:
+    """A validated space file: its trials (a grid's every combination, or the one configuration
+    Optuna's samples complete), the teachers they need, and how the sweep runs them."""
+
     path: Path
     name: str
     description: str
-    base: dict[str, Any]
     trials: list[Trial]
     axes: list[str]
     teachers: list[TeacherNeed]
@@ -318,7 +320,6 @@ def _parse(path: Path, raw: dict[str, Any]) -> Space:
         path=path,
         name=check_folder_name("name", check_value("name", raw.get("name", path.stem), str, {})),
         description=str(raw.get("description", "")).strip(),
-        base=base,
         trials=trials,
         axes=axes,
         teachers=list({n.key: n for n in needs if n}.values()),
