@@ -8,6 +8,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from tune_kd.plan import MEMBERS
+
 LADDER = (
     "reference",
     "device-fp32",
@@ -117,7 +119,7 @@ def print_sweep(out: Path) -> None:
     for result in (out / "sweep").glob("*/*/result.json"):
         for line in result.read_text().splitlines():
             row = json.loads(line)
-            row = next(iter(row["members"].values())) if "members" in row else row
+            row = next(iter(row[MEMBERS].values())) if MEMBERS in row else row
             if row["epoch"] > 1:
                 seconds.setdefault(str(result.parent), []).append(row["epoch_seconds"])
     if not seconds:

@@ -27,7 +27,7 @@ def alone_hours(space: spaces.Space) -> float:
 def grouped_hours(space: spaces.Space, fuse: bool) -> float:
     return sum(
         cost.group_gpu_hours([t.config.replace(fuse_students=fuse) for t in group])
-        for group in spaces.groups(space)
+        for group in space.groups
     )
 
 
@@ -38,7 +38,7 @@ def teacher_hours(space: spaces.Space) -> float:
 def test_the_first_grid_costs_what_it_cost_on_the_h100(study):
     """45 trials of WRN-40-2 -> ResNet-8x4 on CIFAR-100: 5.2 GPU-hours one trial at a time and
     3.1 in groups of 15 sharing the teacher's pass, as measured."""
-    assert study.planned == 45 and [len(g) for g in spaces.groups(study)] == [15, 15, 15]
+    assert study.planned == 45 and [len(g) for g in study.groups] == [15, 15, 15]
     assert round(alone_hours(study), 1) == 5.2
     assert round(grouped_hours(study, fuse=False), 1) == 3.1
 
@@ -91,7 +91,7 @@ def test_a_group_saves_exactly_the_teacher_passes_it_shares(study):
 
 
 def test_grouping_saves_and_fusing_costs_more_than_one_after_another(study):
-    for group in spaces.groups(study):
+    for group in study.groups:
         configs = [t.config for t in group]
         alone = sum(cost.gpu_hours(c) for c in configs)
         one_after_another = cost.group_gpu_hours([c.replace(fuse_students=False) for c in configs])

@@ -16,7 +16,6 @@ import torch
 from conftest import epochs_of, result_lines, sweep
 
 from tune_kd import models, run, train
-from tune_kd import space as spaces
 
 ROOT = Path(__file__).parents[1]
 QUICK = [
@@ -181,48 +180,6 @@ def test_missing_cifar_is_one_line_and_nothing_is_written(tmp_path):
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1 and str(tmp_path / "data") in done.stderr
     assert not (tmp_path / "results").exists()
-
-
-def progress_text(space_file: Path, overrides: dict, monkeypatch) -> str:
-    """Tune's progress report for the trials it would create from a space: each one running and
-    past its first epoch, as the reporter prints it every 30 seconds."""
-    from ray.tune.experiment import Trial
-    from ray.tune.search.variant_generator import generate_variants
-    from ray.tune.utils.log import Verbosity, set_verbosity
-
-    monkeypatch.setattr(Trial, "local_experiment_path", property(lambda self: "experiment"))
-    monkeypatch.setattr(Trial, "local_path", property(lambda self: None))
-    space = spaces.load(space_file, overrides)
-    set_verbosity(1)  # as a sweep's first `fit` leaves it (the teachers' trials)
-    reporter = run.progress_reporter(space)
-    set_verbosity(Verbosity.V3_TRIAL_DETAILS)
-    reporter.set_search_properties(space.metric, "max")
-    trials = []
-    for number, (_, config) in enumerate(generate_variants(spaces.param_space(space))):
-        trial = Trial("train_trial", config=config, stub=True)
-        trial.set_status(Trial.RUNNING)
-        result = {"epoch": 1, "test_acc": 10.0 + number, "best_test_acc": 10.0 + number}
-        trial.update_last_result({**result, "config": config})
-        trials.append(trial)
-    return reporter._progress_str(trials, False)
-
-
-def test_the_progress_report_of_groups_shows_what_every_group_shares(monkeypatch):
-    """Groups of six students (3 losses x 2 lrs) per seed: only `seed` is one value per group."""
-    overrides = {"group_students": True}
-    text = progress_text(ROOT / "search_spaces" / "quickstart.yaml", overrides, monkeypatch)
-    assert "parameters={'students': 6, 'seed': 1}" in text
-    header = next(line for line in text.splitlines() if line.startswith("| Trial name"))
-    assert [c.strip() for c in header.split("|")[4:6]] == ["students", "seed"]
-    assert "Number of trials: 2 (2 RUNNING)" in text
-    assert "loss" not in text and " lr " not in text
-
-
-def test_the_progress_report_of_optuna_shows_the_sampled_values(monkeypatch):
-    text = progress_text(ROOT / "search_spaces" / "optuna_lr_wd.yaml", {}, monkeypatch)
-    header = next(line for line in text.splitlines() if line.startswith("| Trial name"))
-    assert "lr" in header and "weight_decay" in header
-    assert "Current best trial:" in text and "'weight_decay': " in text
 
 
 @pytest.mark.parametrize("name", ["../../escape", "a/b", "/tmp/abs", "..", "", ".hidden", "a\\b"])

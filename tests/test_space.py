@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tune_kd import run, space
+from tune_kd import run, space, teachers
 
 SHIPPED = Path(__file__).parents[1] / "search_spaces"
 
@@ -77,9 +77,9 @@ def test_teachers_yaml_fills_the_cache_the_study_files_read():
     needed = space.load(SHIPPED / "study_losses.yaml").teachers
     [need] = needed
     [same] = [t for t in trained if t.config.student == need.arch]
-    assert space.recipe_hash(same.config) == space.recipe_hash(need.recipe)
+    assert teachers.recipe_hash(same.config) == teachers.recipe_hash(need.recipe)
     other = space.load(SHIPPED / "teachers.yaml", {"seed": 1}).trials[0]
-    assert space.recipe_hash(other.config) != space.recipe_hash(need.recipe)
+    assert teachers.recipe_hash(other.config) != teachers.recipe_hash(need.recipe)
 
 
 def test_optuna_samples_its_ranges():

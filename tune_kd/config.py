@@ -72,6 +72,22 @@ SHARED_KEYS = tuple(
     )
 )
 
+# Keys without effect under a method: left out of a trial's labels so tables do not split on them,
+# and out of a teacher recipe's hash.
+UNUSED_BY_METHOD = {
+    "student": (
+        "teacher",
+        "teacher_checkpoint",
+        "loss",
+        "projector",
+        "projector_design",
+        "factor",
+        "teacher_correct_only",
+    ),
+    "kd": ("loss", "projector", "projector_design", "factor"),
+    "simkd": (),
+}
+
 
 class ConfigError(ValueError):
     """A configuration value that cannot be used; `key` names the offending key."""

@@ -112,11 +112,6 @@ def pass_flops(config: Config) -> tuple[float, float]:
     )
 
 
-def step_flops(config: Config) -> float:
-    """FLOPs per training image: the teacher's forward and the student's forward and backward."""
-    return sum(pass_flops(config))
-
-
 def teacher_seconds(config: Config) -> float:
     """Seconds per training image of the teacher's forward (none for `student`)."""
     if config.method == "student":

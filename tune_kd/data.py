@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from filelock import FileLock
 from torch import Tensor
 
+from tune_kd.config import DATASETS
+
 try:  # NumPy >= 2
     from numpy._core.multiarray import _reconstruct
     from numpy._core.numeric import _frombuffer
@@ -33,7 +35,6 @@ except ImportError:  # NumPy 1.x
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
-DATASETS = ("cifar100", "cifar10", "synthetic")
 
 _SIZE = 32
 _PAD = 4  # RandomCrop(32, padding=4): offsets 0..2*_PAD into the zero-padded 40x40 image

@@ -1,4 +1,4 @@
-"""Search-space files: load, validate in full, expand into trials, and describe them to Ray Tune.
+"""Search-space files: read safely, validate in full, and expand into trials.
 
 A space file is a run configuration (any key of `tune_kd.config.Config`, single values) plus a few
 sweep keys:
@@ -16,12 +16,15 @@ sweep keys:
 
 `grids:` (a list of grids) runs their union. A grid axis that is not a configuration key takes
 mappings, each setting several keys together: `pair: [{teacher: resnet32x4, student: vgg8}, ...]`.
+
+The teachers the trials distil from are resolved by `tune_kd.teachers`; `tune_kd.tuner` hands the
+trials to Ray Tune.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import functools
 import itertools
 import json
 import math
@@ -33,20 +36,20 @@ from typing import Any
 
 import yaml
 
-from tune_kd import models
+from tune_kd import teachers
 from tune_kd.cli import first_line
 from tune_kd.config import (
-    DATA_KEYS,
-    EXECUTION_KEYS,
     KEYS,
     SHARED_KEYS,
+    UNUSED_BY_METHOD,
     Config,
     ConfigError,
     check_key,
     check_value,
-    resolve,
     suggest,
 )
+from tune_kd.teachers import TeacherNeed
+from tune_kd.teachers import check_checkpoint as check_checkpoint  # tune_kd.train's import
 
 SCHEDULERS = ("fifo", "asha")
 SEARCH_ALGORITHMS = ("grid", "optuna")
@@ -55,20 +58,6 @@ RANGE_KINDS = ("uniform", "loguniform", "randint", "choice")
 METRICS = ("best_test_acc", "test_acc", "test_acc_top5")
 # Experiment trackers a sweep can log to besides TensorBoard (Ray Tune's logger callbacks).
 TRACKERS = ("mlflow", "wandb")
-# Keys without effect under a method: left out of a trial's labels so tables do not split on them.
-UNUSED_BY_METHOD = {
-    "student": (
-        "teacher",
-        "teacher_checkpoint",
-        "loss",
-        "projector",
-        "projector_design",
-        "factor",
-        "teacher_correct_only",
-    ),
-    "kd": ("loss", "projector", "projector_design", "factor"),
-    "simkd": (),
-}
 # Names of experiments: one path component under the storage, never `..` or a path.
 FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 # A space file holds a few hundred values; YAML aliases can make a few lines stand for billions.
@@ -120,11 +109,13 @@ class Search:
 
 @dataclass(frozen=True)
 class Trial:
-    """One planned run: its place in the plan, the values that identify it, its configuration."""
+    """One planned run: its place in the plan, the values that identify it, its configuration,
+    and the `TeacherNeed.key` of the teacher it distils from (None: a student trained alone)."""
 
     index: int
     axes: dict[str, Any]
     config: Config
+    teacher_key: str | None = None
 
     @property
     def labels(self) -> dict[str, Any]:
@@ -138,30 +129,17 @@ class Trial:
         return labels
 
 
-@dataclass(frozen=True)
-class TeacherNeed:
-    """A teacher some trials distil from: a checkpoint file, or a recipe to train it first."""
-
-    arch: str
-    checkpoint: str | None = None
-    recipe: Config | None = None
-
-    @property
-    def key(self) -> str:
-        """Where trials find its weights: the checkpoint path, or the recipe's hash."""
-        return self.checkpoint if self.checkpoint else f"recipe:{recipe_hash(self.recipe)}"
-
-
 @dataclass
 class Space:
+    """A validated space file: its trials (a grid's every combination, or the one configuration
+    Optuna's samples complete), the teachers they need, and how the sweep runs them."""
+
     path: Path
     name: str
     description: str
-    base: dict[str, Any]
     trials: list[Trial]
     axes: list[str]
     teachers: list[TeacherNeed]
-    teacher_train: dict[str, Any] | None
     resources: Resources
     scheduler: Scheduler
     search: Search
@@ -186,6 +164,40 @@ class Space:
         """Trials the sweep runs: the grid's, or Optuna's samples (`trials` then holds the one
         configuration its samples complete)."""
         return self.search.samples if self.search.algorithm == "optuna" else len(self.trials)
+
+    @property
+    def sampling_base(self) -> dict[str, Any]:
+        """The configuration Optuna's sampled values complete (with its teacher's checkpoint), or
+        nothing for a grid, whose trials are planned in full."""
+        return self.trials[0].config.to_dict() if self.search.algorithm == "optuna" else {}
+
+    @functools.cached_property
+    def groups(self) -> list[list[Trial]]:
+        """Trials packed into Ray trials: one each, or with `group_students`, every trial that
+        differs from another only in student-side keys in one group sharing the teacher's pass.
+        Computed once per Space (a changed space is a new Space, packed anew)."""
+        if not self.group_students:
+            return [[t] for t in self.trials]
+        packed: dict[str, list[Trial]] = {}
+        for trial in self.trials:
+            values = trial.config.to_dict()
+            key = json.dumps({k: values[k] for k in SHARED_KEYS}, sort_keys=True, default=str)
+            packed.setdefault(key, []).append(trial)
+        return list(packed.values())
+
+    def with_teacher_checkpoints(self, checkpoints: Mapping[str, str]) -> Space:
+        """This space with every trial whose teacher is in `checkpoints` (by `TeacherNeed.key`)
+        distilling from that file: where the teachers trained first are cached."""
+        trials = [
+            dataclasses.replace(
+                t,
+                config=dataclasses.replace(t.config, teacher_checkpoint=checkpoints[t.teacher_key]),
+            )
+            if t.teacher_key in checkpoints
+            else t
+            for t in self.trials
+        ]
+        return dataclasses.replace(self, trials=trials)
 
 
 SPACE_KEYS = (
@@ -300,16 +312,17 @@ def _parse(path: Path, raw: dict[str, Any]) -> Space:
             "group_students",
             "students trained together cannot be stopped one by one: use scheduler fifo",
         )
-    teachers = _teachers(raw, trials)
+    needs = teachers.needed(
+        [t.config for t in trials], raw.get("teacher_checkpoints"), raw.get("teacher_train")
+    )
+    trials = [_distilling(trial, need) for trial, need in zip(trials, needs)]
     return Space(
         path=path,
         name=check_folder_name("name", check_value("name", raw.get("name", path.stem), str, {})),
         description=str(raw.get("description", "")).strip(),
-        base=base,
         trials=trials,
         axes=axes,
-        teachers=teachers,
-        teacher_train=raw.get("teacher_train"),
+        teachers=list({n.key: n for n in needs if n}.values()),
         resources=_resources(raw.get("resources", {})),
         scheduler=scheduler,
         search=search,
@@ -383,78 +396,14 @@ def _grid_names(grids: list[dict]) -> list[str]:
     return ["grid"] if len(grids) == 1 else [f"grids[{i}]" for i in range(len(grids))]
 
 
-def _teachers(raw: dict[str, Any], trials: list[Trial]) -> list[TeacherNeed]:
-    """The teacher every distilling trial needs, resolved to a readable checkpoint or a recipe.
-
-    Trials get their `teacher_checkpoint` filled in from `teacher_checkpoints` (arch -> path)."""
-    paths = raw.get("teacher_checkpoints") or {}
-    if not isinstance(paths, dict):
-        raise ConfigError("teacher_checkpoints", "expected a mapping of architecture: path")
-    recipe = raw.get("teacher_train")
-    if recipe is not None and not isinstance(recipe, dict):
-        raise ConfigError(
-            "teacher_train", "expected a mapping of training keys ({} for the paper's)"
-        )
-    needs: dict[str, TeacherNeed] = {}
-    for i, trial in enumerate(trials):
-        config = trial.config
-        if config.method == "student":
-            continue
-        checkpoint = config.teacher_checkpoint or paths.get(config.teacher)
-        if checkpoint is None and recipe is None:
-            raise ConfigError(
-                "teacher_checkpoints",
-                f"no checkpoint for teacher '{config.teacher}': "
-                "list its path here, or give teacher_train to train it first",
-            )
-        need = (
-            TeacherNeed(config.teacher, checkpoint=str(checkpoint))
-            if checkpoint
-            else TeacherNeed(config.teacher, recipe=teacher_recipe(config, recipe))
-        )
-        if need.key not in needs:
-            if need.checkpoint:
-                check_checkpoint(
-                    need.checkpoint, need.arch, config, f"teacher_checkpoints.{config.teacher}"
-                )
-            needs[need.key] = need
-        if checkpoint and config.teacher_checkpoint != checkpoint:
-            trials[i] = dataclasses.replace(
-                trial, config=dataclasses.replace(config, teacher_checkpoint=str(checkpoint))
-            )
-    return list(needs.values())
-
-
-def teacher_recipe(config: Config, recipe: Mapping[str, Any]) -> Config:
-    """The teacher's own training run: the trial's data, cross-entropy, and the recipe's keys."""
-    values = {k: getattr(config, k) for k in DATA_KEYS}
-    try:
-        return Config.from_dict(
-            {**values, **recipe, "method": "student", "student": config.teacher}
-        )
-    except ConfigError as error:
-        raise ConfigError(f"teacher_train.{error.key}", error.detail) from None
-
-
-def recipe_hash(recipe: Config | None) -> str:
-    """A short hash of what a teacher's training computes (not where it runs)."""
-    assert recipe is not None
-    resolved = resolve(dataclasses.replace(recipe, device="cpu"))
-    unused = (*EXECUTION_KEYS, *UNUSED_BY_METHOD["student"])
-    values = {k: v for k, v in resolved.to_dict().items() if k not in unused}
-    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def check_checkpoint(path: str, arch: str, config: Config, key: str) -> None:
-    """Load a teacher on the CPU: an unreadable or mismatched file (another architecture, another
-    number of classes than `config`'s dataset) fails, naming `key`, before anything runs."""
-    try:
-        model = models.load_checkpoint(path, name=arch)
-    except ValueError as error:
-        raise ConfigError(key, first_line(error)) from None
-    classes, out = config.num_classes, models.num_classes(model)
-    if out != classes:
-        raise ConfigError(key, f"{path} has {out} classes but {config.dataset} has {classes}")
+def _distilling(trial: Trial, need: TeacherNeed | None) -> Trial:
+    """A trial with its teacher recorded, and that teacher's file when it has one."""
+    if need is None:
+        return trial
+    config = trial.config
+    if need.checkpoint:
+        config = dataclasses.replace(config, teacher_checkpoint=need.checkpoint)
+    return dataclasses.replace(trial, config=config, teacher_key=need.key)
 
 
 def check_folder_name(key: str, name: str) -> str:
@@ -566,103 +515,3 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
     if problem and mark is not None:
         return f"{problem} at line {mark.line + 1}"
     return first_line(error)
-
-
-# ----------------------------------------------------------------------------- to Ray Tune
-
-
-def groups(space: Space) -> list[list[Trial]]:
-    """Trials packed into Ray trials: one each, or with `group_students`, every trial that
-    differs from another only in student-side keys in one group sharing the teacher's pass."""
-    if not space.group_students:
-        return [[t] for t in space.trials]
-
-    packed: dict[str, list[Trial]] = {}
-    for trial in space.trials:
-        values = trial.config.to_dict()
-        key = json.dumps({k: values[k] for k in SHARED_KEYS}, sort_keys=True, default=str)
-        packed.setdefault(key, []).append(trial)
-    return list(packed.values())
-
-
-def member_params(trial: Trial) -> dict[str, Any]:
-    return {"index": trial.index, "axes": trial.axes, "config": trial.config.to_dict()}
-
-
-def param_space(space: Space) -> dict[str, Any]:
-    """Tune's view of the plan: a grid over packed trials, each axis shown as a column of its own;
-    or the ranges Optuna samples."""
-    from ray import tune
-
-    if space.search.algorithm == "optuna":
-        return {key: _domain(r) for key, r in space.search.ranges.items()}
-    packed = groups(space)
-    params: dict[str, Any] = {"index": tune.grid_search(list(range(len(packed))))}
-    if space.group_students:
-        params["students"] = tune.sample_from(_PlannedValue([len(g) for g in packed]))
-    for axis in space.axes:
-        values = [{t.axes.get(axis) for t in group} for group in packed]
-        if all(len(v) == 1 for v in values):
-            params[axis] = tune.sample_from(_PlannedValue([v.pop() for v in values]))
-    return params
-
-
-def shown_params(space: Space) -> list[str]:
-    """The keys every trial's config has for the progress table: the plan's columns, or the
-    values Optuna samples (a group's trial holds only the axes all its students share)."""
-    return [key for key in param_space(space) if key != "index"]
-
-
-class _PlannedValue:
-    """A plan column for Tune: the value of one axis in the trial whose index was drawn."""
-
-    def __init__(self, values: list[Any]):
-        self.values = values
-
-    def __call__(self, config: dict[str, Any]) -> Any:
-        return self.values[config["index"]]
-
-
-def _domain(r: Range) -> Any:
-    from ray import tune
-
-    make = {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}
-    return tune.choice(list(r.args)) if r.kind == "choice" else make[r.kind](*r.args)
-
-
-def tune_config(space: Space, max_concurrent: int | None) -> Any:
-    """Metric, scheduler, search algorithm and trial names of the sweep."""
-    from ray import tune
-
-    scheduler = search_alg = None
-    if space.scheduler.name == "asha":
-        from ray.tune.schedulers import ASHAScheduler
-
-        scheduler = ASHAScheduler(
-            time_attr="epoch",
-            max_t=max(t.config.epochs for t in space.trials),
-            grace_period=space.scheduler.grace_period,
-            reduction_factor=space.scheduler.reduction_factor,
-        )
-    if space.search.algorithm == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        search_alg = OptunaSearch(seed=space.search.seed)
-    return tune.TuneConfig(
-        metric=space.metric,
-        mode="max",
-        scheduler=scheduler,
-        search_alg=search_alg,
-        num_samples=space.search.samples if space.search.algorithm == "optuna" else 1,
-        max_concurrent_trials=max_concurrent,
-        trial_name_creator=trial_name,
-        trial_dirname_creator=trial_name,
-    )
-
-
-def trial_name(trial: Any) -> str:
-    """`trial_0007` for planned trial 7, `group_0002` for a packed group, the id when sampled."""
-    if "index" not in trial.config:
-        return f"trial_{trial.trial_id}"
-    kind = "group" if "students" in trial.config else "trial"
-    return f"{kind}_{trial.config['index']:04d}"

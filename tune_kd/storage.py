@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pyarrow.fs
 
-# Every planned trial of an experiment, written by the sweep beside Tune's files.
-PLAN_FILE = "tune_kd_plan.json"
+from tune_kd.plan import (
+    PLAN_FILE as PLAN_FILE,
+)  # tune_kd.analysis's import; defined in tune_kd.plan
 
 
 class Storage:

@@ -21,6 +21,7 @@ from ray import tune
 
 from tune_kd.config import Config
 from tune_kd.data import Arrays
+from tune_kd.plan import group_result
 from tune_kd.train import Run
 
 RUN_STATE = "run.pt"
@@ -123,20 +124,12 @@ def say(outcome: str, unreadable: Sequence[str]) -> None:
 def trial_metrics(
     metrics: list[dict[str, Any] | None], members: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    """One Tune result: a lone student's metrics as they are; a group's under `members`, keyed by
-    plan index, with the group's best accuracies on top for the progress table."""
+    """One Tune result: a lone student's metrics as they are; a group's as `group_result`
+    lays them out (each reporting student's under `members`, by plan index)."""
     if len(members) == 1:
         assert metrics[0] is not None
         return dict(metrics[0])
-    reported = {str(m["index"]): row for m, row in zip(members, metrics) if row is not None}
-    rows = list(reported.values())
-    return {
-        "epoch": rows[0]["epoch"],
-        "test_acc": max(r["test_acc"] for r in rows),
-        "best_test_acc": max(r["best_test_acc"] for r in rows),
-        "test_acc_top5": max(r["test_acc_top5"] for r in rows),
-        "members": reported,
-    }
+    return group_result({m["index"]: row for m, row in zip(members, metrics) if row is not None})
 
 
 class KeepResultsOnRetry(tune.Callback):

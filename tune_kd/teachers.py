@@ -1,0 +1,207 @@
+"""Teachers: which ones a sweep needs, where trained ones are cached, and training the missing ones.
+
+A distilling trial reads its teacher from a checkpoint file (its `teacher_checkpoint`, or the space
+file's `teacher_checkpoints` by architecture) or, with `teacher_train`, from a teacher trained
+first by that recipe: the trial's data, cross-entropy, and the recipe's keys. A trained teacher is
+cached under the storage by a hash of its recipe, in the field's layout
+(`teachers/<arch>_vanilla-<hash>/ckpt_epoch_<E>.pth`), so that later sweeps reuse it; so is a
+sweep's own cross-entropy run whose configuration is such a recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from tune_kd import models
+from tune_kd.cli import first_line
+from tune_kd.config import (
+    DATA_KEYS,
+    EXECUTION_KEYS,
+    UNUSED_BY_METHOD,
+    Config,
+    ConfigError,
+    resolve,
+)
+from tune_kd.storage import Storage
+
+CACHE_FOLDER = "teachers"
+
+
+@dataclass(frozen=True)
+class TeacherNeed:
+    """A teacher some trials distil from: a checkpoint file, or a recipe to train it first."""
+
+    arch: str
+    checkpoint: str | None = None
+    recipe: Config | None = None
+
+    @property
+    def key(self) -> str:
+        """Where trials find its weights: the checkpoint path, or the recipe's hash."""
+        return self.checkpoint if self.checkpoint else f"recipe:{recipe_hash(self.recipe)}"
+
+
+# ----------------------------------------------------------------------------- what a space needs
+
+
+def needed(configs: Sequence[Config], checkpoints: Any, recipe: Any) -> list[TeacherNeed | None]:
+    """The teacher each configuration distils from (None: a student trained alone), resolved to
+    a readable checkpoint or a recipe; configurations with one teacher share one TeacherNeed.
+
+    `checkpoints` and `recipe` are the space file's `teacher_checkpoints` (architecture -> path)
+    and `teacher_train` (training keys), each None when the file has none. A checkpoint is loaded
+    once, checked against the first configuration that needs it."""
+    paths = checkpoints or {}
+    if not isinstance(paths, dict):
+        raise ConfigError("teacher_checkpoints", "expected a mapping of architecture: path")
+    if recipe is not None and not isinstance(recipe, dict):
+        raise ConfigError(
+            "teacher_train", "expected a mapping of training keys ({} for the paper's)"
+        )
+    found: dict[str, TeacherNeed] = {}
+    needs: list[TeacherNeed | None] = []
+    for config in configs:
+        if config.method == "student":
+            needs.append(None)
+            continue
+        checkpoint = config.teacher_checkpoint or paths.get(config.teacher)
+        if checkpoint is None and recipe is None:
+            raise ConfigError(
+                "teacher_checkpoints",
+                f"no checkpoint for teacher '{config.teacher}': "
+                "list its path here, or give teacher_train to train it first",
+            )
+        need = (
+            TeacherNeed(config.teacher, checkpoint=str(checkpoint))
+            if checkpoint
+            else TeacherNeed(config.teacher, recipe=teacher_recipe(config, recipe))
+        )
+        if need.key not in found:
+            if need.checkpoint:
+                check_checkpoint(
+                    need.checkpoint, need.arch, config, f"teacher_checkpoints.{config.teacher}"
+                )
+            found[need.key] = need
+        needs.append(found[need.key])
+    return needs
+
+
+def teacher_recipe(config: Config, recipe: Mapping[str, Any]) -> Config:
+    """The teacher's own training run: the trial's data, cross-entropy, and the recipe's keys."""
+    values = {k: getattr(config, k) for k in DATA_KEYS}
+    try:
+        return Config.from_dict(
+            {**values, **recipe, "method": "student", "student": config.teacher}
+        )
+    except ConfigError as error:
+        raise ConfigError(f"teacher_train.{error.key}", error.detail) from None
+
+
+def recipe_hash(recipe: Config | None) -> str:
+    """A short hash of what a teacher's training computes (not where it runs)."""
+    assert recipe is not None
+    resolved = resolve(dataclasses.replace(recipe, device="cpu"))
+    unused = (*EXECUTION_KEYS, *UNUSED_BY_METHOD["student"])
+    values = {k: v for k, v in resolved.to_dict().items() if k not in unused}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def check_checkpoint(path: str, arch: str, config: Config, key: str) -> None:
+    """Load a teacher on the CPU: an unreadable or mismatched file (another architecture, another
+    number of classes than `config`'s dataset) fails, naming `key`, before anything runs."""
+    try:
+        model = models.load_checkpoint(path, name=arch)
+    except ValueError as error:
+        raise ConfigError(key, first_line(error)) from None
+    classes, out = config.num_classes, models.num_classes(model)
+    if out != classes:
+        raise ConfigError(key, f"{path} has {out} classes but {config.dataset} has {classes}")
+
+
+# ----------------------------------------------------------------------------- the cache
+
+
+def cache_parts(need: TeacherNeed) -> tuple[str, str, str]:
+    """Where a recipe's teacher is cached: the field's `<arch>_vanilla/ckpt_epoch_<E>.pth` layout,
+    with the recipe's hash in the folder name."""
+    assert need.recipe is not None
+    folder = f"{need.arch}_vanilla-{recipe_hash(need.recipe)}"
+    return CACHE_FOLDER, folder, f"ckpt_epoch_{need.recipe.epochs}.pth"
+
+
+def cached_checkpoints(needs: Sequence[TeacherNeed], storage: Storage) -> dict[str, str]:
+    """Where each recipe's teacher is (or will be) cached, by `TeacherNeed.key`."""
+    return {n.key: storage.uri_of(*cache_parts(n)) for n in needs if n.recipe}
+
+
+def train_missing(
+    needs: Sequence[TeacherNeed],
+    storage: Storage,
+    train: Callable[[str, list[Config]], Sequence[bytes | None]],
+) -> None:
+    """Train the recipe teachers not yet in the cache, and cache them with their recipe.
+
+    `train(experiment, recipes)` runs the recipes as one experiment of that name under the storage
+    and returns each one's final weights (None: it failed); a failure raises RuntimeError."""
+    missing = [n for n in needs if n.recipe and not storage.exists(*cache_parts(n))]
+    if not missing:
+        return
+    print(f"training {len(missing)} teacher(s) first: {', '.join(n.arch for n in missing)}")
+    name = f"teachers-{time.strftime('%Y%m%d-%H%M%S')}"
+    results = train(name, [n.recipe for n in missing])
+    for need, result in zip(missing, results):
+        if result is None:
+            raise RuntimeError(f"training teacher {need.arch} failed: see {storage.uri_of(name)}")
+        storage.write(result, *cache_parts(need))
+        storage.write(
+            yaml.safe_dump(need.recipe.to_dict()).encode(), *cache_parts(need)[:2], "config.yaml"
+        )
+
+
+def cache_finished(
+    configs: Sequence[Config], weights: Sequence[bytes | None], storage: Storage
+) -> None:
+    """Cache each finished cross-entropy run (`weights` None: it did not finish) as the teacher
+    of its recipe, unless that teacher is cached already: the paper's recipe runs double as
+    teachers for later sweeps."""
+    for config, trained in zip(configs, weights):
+        if trained is None or config.method != "student":
+            continue
+        need = TeacherNeed(config.student, recipe=config)
+        if not storage.exists(*cache_parts(need)):
+            storage.write(trained, *cache_parts(need))
+
+
+def load_states(needs: Sequence[TeacherNeed], storage: Storage) -> dict[str, dict[str, np.ndarray]]:
+    """The weights of every teacher, keyed as the trials' `teacher_checkpoint`: a file's path, or
+    the cache's URI of a recipe's teacher."""
+    states = {}
+    for need in needs:
+        if need.checkpoint:
+            states[need.checkpoint] = numpy_state(
+                models.load_checkpoint(need.checkpoint, need.arch)
+            )
+            continue
+        parts = cache_parts(need)
+        with tempfile.TemporaryDirectory() as folder:
+            local = Path(folder) / parts[-1]
+            local.write_bytes(storage.read(*parts))
+            model = models.load_checkpoint(local, name=need.arch)
+        states[storage.uri_of(*parts)] = numpy_state(model)
+    return states
+
+
+def numpy_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}

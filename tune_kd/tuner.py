@@ -1,0 +1,254 @@
+"""A sweep's plan as Ray Tune runs it: the param space, the TuneConfig, the trial names, the
+progress table, the trackers' callbacks, and `Launcher`, which builds the trainable and the Tuner.
+
+A planned sweep is a grid over `index`, the position of each Ray trial in `Space.groups` (one
+trial, or a group of students sharing the teacher's pass), with each axis that is one value per
+Ray trial shown as a column of its own; an Optuna sweep is the ranges Optuna samples. Ray is
+imported only when a Tune object is built, so that a dry run never loads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tune_kd import plan
+from tune_kd.config import Config
+from tune_kd.data import Arrays
+from tune_kd.space import Range, Resources, Scheduler, Search, Space, Trial
+from tune_kd.storage import Storage
+
+# The progress table's metric columns, each with its heading.
+METRIC_COLUMNS = {
+    "epoch": "epoch",
+    "test_acc": "acc",
+    "best_test_acc": "best",
+    "diverged": "diverged",
+}
+
+
+class Launcher:
+    """Ray Tune for one storage location: builds the trainable and the Tuner, runs or restores.
+
+    `teacher_states` of each method holds the weights of every teacher, keyed as the trials'
+    `teacher_checkpoint` (`teachers.load_states`)."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        data: Mapping[str, Arrays],
+        resources: Resources,
+        max_concurrent: int | None,
+        max_failures: int,
+    ):
+        self.storage = storage
+        self.data = data
+        self.resources = resources
+        self.max_concurrent = max_concurrent
+        self.max_failures = max_failures
+
+    def trainable(self, space: Space, teacher_states: Mapping[str, Any]) -> Any:
+        from ray import tune
+
+        from tune_kd.trainable import train_trial
+
+        bound = tune.with_parameters(
+            train_trial,
+            plan=[[member_params(t) for t in group] for group in space.groups],
+            base=space.sampling_base,
+            data=self.data,
+            teachers=teacher_states,
+            threads=max(1, int(self.resources.cpu)),
+        )
+        return tune.with_resources(bound, {"cpu": self.resources.cpu, "gpu": self.resources.gpu})
+
+    def tuner(self, space: Space, name: str, teacher_states: Mapping[str, Any]) -> Any:
+        from ray import tune
+
+        from tune_kd.trainable import KeepResultsOnRetry
+
+        use_table_output()
+        run_config = tune.RunConfig(
+            name=name,
+            storage_path=self.storage.uri,
+            failure_config=tune.FailureConfig(max_failures=self.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            progress_reporter=progress_reporter(space),
+            callbacks=[KeepResultsOnRetry(), *tracker_callbacks(space, name)],
+            verbose=1,
+        )
+        return tune.Tuner(
+            self.trainable(space, teacher_states),
+            param_space=param_space(space),
+            tune_config=tune_config(space, self.max_concurrent),
+            run_config=run_config,
+        )
+
+    def fit(self, space: Space, name: str, teacher_states: Mapping[str, Any]) -> list[bytes | None]:
+        """Run `space` to the end; each planned trial's final student weights (None: it failed)."""
+        results = self.tuner(space, name, teacher_states).fit()
+        return final_students(results, space)
+
+    def fit_alone(self, space: Space, name: str, configs: Sequence[Config]) -> list[bytes | None]:
+        """Run `configs` (cross-entropy runs) as an experiment of their own under `space`'s
+        metric and trackers: one Tune trial each, labelled by its student, without search,
+        scheduler or teachers; each one's final weights (None: it failed)."""
+        trials = [Trial(i, {"student": c.student}, c) for i, c in enumerate(configs)]
+        alone = dataclasses.replace(
+            space,
+            name=name,
+            trials=trials,
+            axes=["student"],
+            teachers=[],
+            search=Search(),
+            scheduler=Scheduler(),
+            group_students=False,
+        )
+        return self.fit(alone, name, teacher_states={})
+
+    def restore(self, space: Space, name: str, teacher_states: Mapping[str, Any]) -> Any:
+        from ray import tune
+
+        return tune.Tuner.restore(
+            self.storage.uri_of(name), self.trainable(space, teacher_states), resume_errored=True
+        )
+
+
+def final_students(results: Any, space: Space) -> list[bytes | None]:
+    """Weights exported by each finished, non-diverged student, in plan order."""
+    from tune_kd.trainable import student_file
+
+    students: list[bytes | None] = [None] * len(space.trials)
+    for result in results:
+        if result.error or result.checkpoint is None or "index" not in result.config:
+            continue
+        with result.checkpoint.as_directory() as folder:
+            for position, trial in enumerate(space.groups[result.config["index"]]):
+                path = Path(folder) / student_file(position)
+                if path.exists():
+                    students[trial.index] = path.read_bytes()
+    return students
+
+
+def member_params(trial: Trial) -> dict[str, Any]:
+    """One student as the trainable receives it: plan index, axes and configuration."""
+    return {"index": trial.index, "axes": trial.axes, "config": trial.config.to_dict()}
+
+
+# ----------------------------------------------------------------------------- Tune's configuration
+
+
+def param_space(space: Space) -> dict[str, Any]:
+    """Tune's view of the plan: a grid over packed trials, each axis shown as a column of its own;
+    or the ranges Optuna samples."""
+    from ray import tune
+
+    if space.search.algorithm == "optuna":
+        return {key: _domain(r) for key, r in space.search.ranges.items()}
+    packed = space.groups
+    params: dict[str, Any] = {"index": tune.grid_search(list(range(len(packed))))}
+    if space.group_students:
+        params["students"] = tune.sample_from(_PlannedValue([len(g) for g in packed]))
+    for axis in space.axes:
+        values = [{t.axes.get(axis) for t in group} for group in packed]
+        if all(len(v) == 1 for v in values):
+            params[axis] = tune.sample_from(_PlannedValue([v.pop() for v in values]))
+    return params
+
+
+def shown_params(space: Space) -> list[str]:
+    """The keys every trial's config has for the progress table: the plan's columns, or the
+    values Optuna samples (a group's trial holds only the axes all its students share)."""
+    return [key for key in param_space(space) if key != "index"]
+
+
+class _PlannedValue:
+    """A plan column for Tune: the value of one axis in the trial whose index was drawn."""
+
+    def __init__(self, values: list[Any]):
+        self.values = values
+
+    def __call__(self, config: dict[str, Any]) -> Any:
+        return self.values[config["index"]]
+
+
+def _domain(r: Range) -> Any:
+    from ray import tune
+
+    make = {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}
+    return tune.choice(list(r.args)) if r.kind == "choice" else make[r.kind](*r.args)
+
+
+def tune_config(space: Space, max_concurrent: int | None) -> Any:
+    """Metric, scheduler, search algorithm and trial names of the sweep."""
+    from ray import tune
+
+    scheduler = search_alg = None
+    if space.scheduler.name == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(
+            time_attr="epoch",
+            max_t=max(t.config.epochs for t in space.trials),
+            grace_period=space.scheduler.grace_period,
+            reduction_factor=space.scheduler.reduction_factor,
+        )
+    if space.search.algorithm == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=space.search.seed)
+    return tune.TuneConfig(
+        metric=space.metric,
+        mode="max",
+        scheduler=scheduler,
+        search_alg=search_alg,
+        num_samples=space.search.samples if space.search.algorithm == "optuna" else 1,
+        max_concurrent_trials=max_concurrent,
+        trial_name_creator=trial_name,
+        trial_dirname_creator=trial_name,
+    )
+
+
+def trial_name(trial: Any) -> str:
+    """A Tune trial's name and folder (`plan.trial_folder_name`): `trial_0007` for planned trial
+    7, `group_0002` for a packed group, `trial_<Tune's id>` when Optuna sampled it."""
+    if "index" not in trial.config:
+        return plan.sampled_folder_name(trial.trial_id)
+    return plan.trial_folder_name(trial.config["index"], grouped="students" in trial.config)
+
+
+# ----------------------------------------------------------------------------- what it shows
+
+
+def use_table_output() -> None:
+    """Make Tune print its progress table (`progress_reporter`) rather than its newer per-trial
+    output, which ignores reporters: its table scales better to large sweeps. Tune reads this
+    setting, an environment variable of the driver's process, when a Tuner fits."""
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+
+
+def progress_reporter(space: Space) -> Any:
+    """One compact table of every trial: its grid values and accuracies, best first."""
+    from ray import tune
+
+    return tune.CLIReporter(
+        parameter_columns=shown_params(space),
+        metric_columns=dict(METRIC_COLUMNS),
+        max_report_frequency=30,
+        print_intermediate_tables=True,  # by default only while Tune's verbosity is at its start
+        max_progress_rows=50,
+        sort_by_metric=True,
+    )
+
+
+def tracker_callbacks(space: Space, experiment: str) -> list[Any]:
+    """Ray Tune's logger callbacks of the space's trackers (TensorBoard's is always on)."""
+    if not space.trackers:
+        return []
+    from tune_kd import trackers
+
+    axes = space.axes or list(space.search.ranges)  # a grid's axes, or Optuna's sampled keys
+    return trackers.callbacks(space.trackers, axes, experiment)
