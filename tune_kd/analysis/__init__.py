@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import re
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -1097,7 +1096,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cli.fail(error)
     print(format_summary(report.summary, args.metric, report.files, report.failures))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
