@@ -503,7 +503,7 @@ def cache_finished_teachers(space: Space, storage: Storage, results: Any) -> Non
 
 
 def report_results(storage: Storage, name: str) -> Any:
-    """The tables and plots of the experiment, and where they are; the `analysis.Report`."""
+    """The tables and plots of the experiment, and where they are; the `analysis.SweepReport`."""
     from tune_kd import analysis
 
     report = analysis.write_report(storage.uri_of(name))

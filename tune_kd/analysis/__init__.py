@@ -25,7 +25,7 @@ from tune_kd.analysis.plots import (
 )
 from tune_kd.analysis.published import most_specific, published_numbers
 from tune_kd.analysis.read import PLAN_FILE, last_failure, latest_per_epoch
-from tune_kd.analysis.report import RESULTS_FOLDER, Report, main, write_files, write_report
+from tune_kd.analysis.report import RESULTS_FOLDER, SweepReport, main, write_files, write_report
 from tune_kd.analysis.tables import display_table, format_accuracy, format_summary, summary_markdown
 
 __all__ = [
@@ -33,7 +33,7 @@ __all__ = [
     "RESULTS_FOLDER",
     "TRIAL_RESULTS",
     "Experiment",
-    "Report",
+    "SweepReport",
     "display_table",
     "figures",
     "format_accuracy",

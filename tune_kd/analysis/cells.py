@@ -10,7 +10,8 @@ from tune_kd.analysis.frames import STATUSES, label_keys
 from tune_kd.analysis.published import published_numbers, with_published
 from tune_kd.analysis.runs import CONTEXT_KEYS
 
-METRICS = {"best": "best_test_acc", "last": "final_test_acc"}
+# The trials frame's column that each `metric` choice summarises per cell (`--metric`).
+METRIC_COLUMNS = {"best": "best_test_acc", "last": "final_test_acc"}
 
 
 def cell_keys(trials: pd.DataFrame) -> list[str]:
@@ -54,7 +55,7 @@ def summarize(
     accuracy over the epochs, the paper's convention; `last`: the final epoch's) over completed
     trials, n planned, trials in each status, an `incomplete` flag, mean GPU-hours, the `best`
     cell, the measured teacher, and the published numbers of the same setting where known."""
-    cells = cell_stats(trials, METRICS[metric])
+    cells = cell_stats(trials, METRIC_COLUMNS[metric])
     cells["best"] = False
     if cells["mean"].notna().any():
         cells.loc[cells["mean"].idxmax(), "best"] = True

@@ -1,11 +1,12 @@
 """The two frames of an experiment: one row per planned trial (`trials_frame`) and one row per
-trial and epoch (`epochs_frame`). A trial's status:
+trial and epoch (`epochs_frame`). A trial's status is the first of these that holds:
 
-- `pending`: no folder and no entry in Tune's runner state;
 - `error`: Tune says ERROR, or (without a runner state) `error.txt` and not all epochs done; its
   last failure's message (from `error.txt`) is in the `error` column and the summary;
 - `diverged`: its last result says `diverged`;
 - `completed`: every planned epoch done, or Tune says TERMINATED (an ASHA stop included);
+- `pending`: no trial folder yet, whether or not Tune's runner state has an entry for it (a trial
+  Tune has queued has one);
 - `running`: anything else, also the unfinished trials of an interrupted experiment.
 """
 
@@ -21,7 +22,7 @@ import pandas as pd
 import pyarrow as pa
 
 from tune_kd.analysis.read import list_entries, read_folders, read_plan, read_states
-from tune_kd.analysis.runs import TrialRun, last, planned_runs, sampled_runs
+from tune_kd.analysis.runs import TrialRun, last_value, planned_runs, sampled_runs
 from tune_kd.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -127,11 +128,11 @@ def epoch_results(metrics: pa.Table) -> dict[str, Any]:
     results: dict[str, Any] = {
         "best_test_acc": None,
         "best_epoch": None,
-        "final_test_acc": last(metrics, "test_acc"),
-        "final_test_acc_top5": last(metrics, "test_acc_top5"),
+        "final_test_acc": last_value(metrics, "test_acc"),
+        "final_test_acc_top5": last_value(metrics, "test_acc_top5"),
         "epochs_done": metrics.num_rows,
         "teacher_test_acc": None,
-        "diverged": bool(last(metrics, "diverged")),
+        "diverged": bool(last_value(metrics, "diverged")),
     }
     teacher = numbers(metrics, "teacher_test_acc")
     if np.isfinite(teacher).any():

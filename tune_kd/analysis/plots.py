@@ -11,10 +11,10 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from tune_kd.analysis.cells import METRICS, cell_keys, cell_stats, summarize, summary_keys
+from tune_kd.analysis.cells import METRIC_COLUMNS, cell_keys, cell_stats, summarize, summary_keys
 from tune_kd.analysis.frames import Experiment
 from tune_kd.analysis.published import missing
-from tune_kd.analysis.tables import METRIC_NAMES, format_accuracy, text
+from tune_kd.analysis.tables import METRIC_NAMES, format_accuracy, format_value
 
 
 def groups_of(
@@ -26,7 +26,7 @@ def groups_of(
         return [(default, frame)]
     parts = frame.groupby(varying, dropna=False, sort=False)
     return [
-        (", ".join(f"{k}={text(v)}" for k, v in zip(varying, values)), part)
+        (", ".join(f"{k}={format_value(v)}" for k, v in zip(varying, values)), part)
         for values, part in parts
     ]
 
@@ -153,7 +153,7 @@ def curve_panel(ax: Axes, panel: pd.DataFrame, column: str, name: str) -> None:
 def plot_accuracy_vs_gpu_hours(trials: pd.DataFrame, metric: str = "best") -> Figure | None:
     """Each cell's accuracy (mean ± std) against its mean GPU-hours per trial: what a variant
     costs. None when no trial used a GPU."""
-    cells = cell_stats(trials, METRICS[metric])
+    cells = cell_stats(trials, METRIC_COLUMNS[metric])
     cells = cells[(cells["n"] > 0) & (cells["gpu_hours"] > 0)]
     if cells.empty:
         return None
@@ -172,7 +172,7 @@ def plot_accuracy_vs_gpu_hours(trials: pd.DataFrame, metric: str = "best") -> Fi
         if "lr" in part and part["lr"].notna().any():
             for x, y, lr in zip(part["gpu_hours"], part["mean"], part["lr"]):
                 ax.annotate(
-                    f"lr={text(lr)}",
+                    f"lr={format_value(lr)}",
                     (x, y),
                     textcoords="offset points",
                     xytext=(4, 4),

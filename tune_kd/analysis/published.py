@@ -58,12 +58,12 @@ def published_numbers() -> pd.DataFrame:
 
 def published_for(cell: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The published teacher, the number of the same setting and the paper's SimKD of the pair."""
-    teacher = first(
+    teacher = first_match(
         r for r in rows if r["method"] == "teacher" and same(cell.get("teacher"), r["teacher"])
     )
     match = most_specific(cell, [r for r in rows if r["method"] != "teacher"])
     if match is None and cell.get("method") == "student":  # a teacher architecture trained alone
-        match = first(
+        match = first_match(
             r for r in rows if r["method"] == "teacher" and same(cell.get("student"), r["teacher"])
         )
     baseline = paper_simkd(rows, cell.get("teacher"), cell.get("student"))
@@ -91,7 +91,7 @@ def most_specific(cell: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) ->
 
 def paper_simkd(rows: Sequence[Mapping[str, Any]], teacher: Any, student: Any) -> Any:
     """The paper's SimKD result for a teacher and student (Tables 1 and 2), the study's baseline."""
-    return first(
+    return first_match(
         r
         for r in rows
         if r["source"] == "paper"
@@ -102,7 +102,8 @@ def paper_simkd(rows: Sequence[Mapping[str, Any]], teacher: Any, student: Any) -
     )
 
 
-def first(rows: Iterator[Any]) -> Any:
+def first_match(rows: Iterator[Any]) -> Any:
+    """The first of the matching rows a generator yields; None when it yields none."""
     return next(rows, None)
 
 

@@ -1,5 +1,8 @@
 """Reading a Tune experiment's files: the sweep's plan, Tune's runner state and its trial folders
-(`result.json`: one JSON line per epoch, `params.json`, `error.txt`)."""
+(`result.json`: one JSON line per epoch, `params.json`, `error.txt`).
+
+What the sweep writes and this module reads back: the plan file (`read_plan`), the names of the
+trial folders (`PLANNED_FOLDER`) and a group's per-student results (`member_metrics`)."""
 
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ TUNE_KEYS = frozenset(
     }
 )
 
+# A planned sweep's trial folder: `trial_0007` or `group_0007` holds position 7 of its groups.
 PLANNED_FOLDER = re.compile(r"(?:trial|group)_(\d+)")
 EMPTY = pa.table({})
 
@@ -60,6 +64,7 @@ class Folder:
 
 
 def read_plan(storage: Storage) -> dict[str, Any]:
+    """The sweep's plan; ExperimentError when the folder or its plan is missing or unreadable."""
     if not storage.exists():
         raise ExperimentError(f"no experiment folder at {storage.uri}")
     if not storage.exists(PLAN_FILE):
@@ -108,6 +113,7 @@ def read_folders(storage: Storage, names: Sequence[str]) -> dict[str, Folder]:
 
 
 def read_folder(storage: Storage, name: str) -> Folder:
+    """One trial folder; an unreadable file is a problem, never an exception."""
     files = {n for n, is_dir in list_entries(storage, name).items() if not is_dir}
     results, problems = EMPTY, []
     if "result.json" in files:

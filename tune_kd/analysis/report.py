@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from tune_kd import cli
-from tune_kd.analysis.cells import METRICS, summarize
+from tune_kd.analysis.cells import METRIC_COLUMNS, summarize
 from tune_kd.analysis.frames import Experiment, load_experiment
 from tune_kd.analysis.plots import figure_bytes, figures
 from tune_kd.analysis.read import ExperimentError
@@ -29,7 +29,10 @@ RESULTS_FOLDER = "results"
 
 
 @dataclass
-class Report:
+class SweepReport:
+    """What `write_report` read and wrote: the experiment, its summary, the metric summarised and
+    the files."""
+
     experiment: Experiment
     summary: pd.DataFrame
     metric: str
@@ -40,13 +43,14 @@ class Report:
         return failures(self.experiment.trials)
 
 
-def write_report(location: str, out: str | None = None, metric: str = "best") -> Report:
+def write_report(location: str, out: str | None = None, metric: str = "best") -> SweepReport:
     """Read the experiment at `location` and write every table and plot into `out` (default
     `location/results`): the sweep calls this at its end."""
     experiment = load_experiment(location)
     summary = summarize(experiment.trials, metric)
     target = out if out is not None else Storage(str(location)).uri_of(RESULTS_FOLDER)
-    return Report(experiment, summary, metric, write_files(experiment, summary, metric, target))
+    files = write_files(experiment, summary, metric, target)
+    return SweepReport(experiment, summary, metric, files)
 
 
 def write_files(experiment: Experiment, summary: pd.DataFrame, metric: str, out: str) -> list[str]:
@@ -89,7 +93,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="where the files go (default EXPERIMENT/results)")
     parser.add_argument(
         "--metric",
-        choices=list(METRICS),
+        choices=list(METRIC_COLUMNS),
         default="best",
         help="best: best test accuracy over the epochs (the paper's); last: the final epoch's",
     )

@@ -27,7 +27,7 @@ def failures(trials: pd.DataFrame) -> list[str]:
     keys = [k for k in label_keys(trials) if trials[k].nunique(dropna=False) > 1]
     lines = []
     for row in trials[trials["status"].eq("error")].to_dict("records"):
-        labels = ", ".join(f"{k}={text(row[k])}" for k in keys)
+        labels = ", ".join(f"{k}={format_value(row[k])}" for k in keys)
         lines.append(row["trial_id"] + (f" ({labels})" if labels else "") + f": {row['error']}")
     return lines
 
@@ -54,7 +54,7 @@ def display_table(summary: pd.DataFrame, metric: str = "best") -> pd.DataFrame:
 def shared_context(summary: pd.DataFrame) -> dict[str, str]:
     """The context keys with one value in every cell: said once rather than in every row."""
     return {
-        key: text(summary[key].iloc[0])
+        key: format_value(summary[key].iloc[0])
         for key in CONTEXT_KEYS
         if key in summary and summary[key].nunique(dropna=False) == 1
     }
@@ -70,20 +70,21 @@ def display_row(cell: Mapping[str, Any], keys: Sequence[str]) -> dict[str, str]:
     published = format_accuracy(cell["published_mean"], cell["published_std"], cell["published_n"])
     gap = cell["mean"] - cell["baseline_mean"]
     return {
-        **{key: text(cell[key]) for key in keys},
+        **{key: format_value(cell[key]) for key in keys},
         "result": result + (f" {BEST_MARK}" if cell["best"] else ""),
         "n": f"{cell['n']}/{cell['n_planned']}"
         + (f" {INCOMPLETE_MARK}" if cell["incomplete"] else ""),
         "not finished": ", ".join(f"{cell[s]} {s}" for s in STATUSES[1:] if cell[s]) or "-",
-        "GPU-h": text(cell["gpu_hours"], ".2f"),
-        "teacher (%)": text(cell["teacher_acc"], ".2f"),
-        "published teacher": text(cell["published_teacher"], ".2f"),
+        "GPU-h": format_value(cell["gpu_hours"], ".2f"),
+        "teacher (%)": format_value(cell["teacher_acc"], ".2f"),
+        "published teacher": format_value(cell["published_teacher"], ".2f"),
         "published": "-" if published == "—" else f"{published} ({cell['published_source']})",
-        "vs paper SimKD": text(gap, "+.2f"),
+        "vs paper SimKD": format_value(gap, "+.2f"),
     }
 
 
-def text(value: Any, spec: str = "") -> str:
+def format_value(value: Any, spec: str = "") -> str:
+    """A label or number as table text: `-` when missing, a float by `spec` or `:g`."""
     if missing(value):
         return "-"
     if spec:
