@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from tune_kd.analysis.read import list_entries, read_folders, read_plan, read_states
-from tune_kd.analysis.runs import TrialRun, last_value, planned_runs, sampled_runs
+from tune_kd.analysis.read import EMPTY, list_entries, read_folders, read_plan, read_states
+from tune_kd.analysis.runs import TrialRun, planned_runs, sampled_runs
 from tune_kd.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -77,26 +77,37 @@ def load_experiment(location: str) -> Experiment:
         runs = sampled_runs(plan, folders, states)
     for problem in problems:
         log.warning("warning: %s", problem)
-    epochs = epochs_frame(runs)
+    epochs = epochs_table(runs)
     gpu = float(plan.get("resources", {}).get("gpu") or 0.0)
-    return Experiment(storage.uri, plan, trials_frame(runs, gpu), epochs, problems)
+    trials = trials_frame(runs, epoch_results(runs, epochs), gpu)
+    return Experiment(storage.uri, plan, trials, epochs_frame(epochs), problems)
 
 
-def epochs_frame(runs: Sequence[TrialRun]) -> pd.DataFrame:
-    """One row per trial and epoch: every metric the trainable reported, and `trial_id`."""
-    tables = [
-        r.metrics.add_column(0, "trial_id", pa.array([r.trial_id] * r.metrics.num_rows))
-        for r in runs
-        if r.metrics.num_rows
-    ]
-    if not tables:
+def epochs_table(runs: Sequence[TrialRun]) -> pa.Table:
+    """One row per trial and epoch, the trials in the order of `runs`: `trial_id`, then every
+    metric the trainable reported (a metric that a trial lacks is null in its rows)."""
+    reported = [run for run in runs if run.metrics.num_rows]
+    if not reported:
+        return EMPTY
+    table = pa.concat_tables([run.metrics for run in reported], promote_options="permissive")
+    rows = np.repeat(np.arange(len(reported)), [run.metrics.num_rows for run in reported])
+    trial_ids = pa.array([run.trial_id for run in reported], pa.string()).take(rows)
+    return table.add_column(0, "trial_id", trial_ids)
+
+
+def epochs_frame(epochs: pa.Table) -> pd.DataFrame:
+    """The epochs table as a frame; without rows, a frame of `trial_id` and `epoch` only."""
+    if not epochs.num_rows:
         return pd.DataFrame({"trial_id": pd.Series([], dtype=str), "epoch": np.array([], np.int64)})
-    return pa.concat_tables(tables, promote_options="permissive").to_pandas()
+    return epochs.to_pandas()
 
 
-def trials_frame(runs: Sequence[TrialRun], gpu_fraction: float) -> pd.DataFrame:
-    """One row per planned trial: id, status, labels, accuracies, epochs, time and GPU-hours."""
-    records = [trial_record(run, gpu_fraction) for run in runs]
+def trials_frame(
+    runs: Sequence[TrialRun], results: Sequence[dict[str, Any]], gpu_fraction: float
+) -> pd.DataFrame:
+    """One row per planned trial: id, status, labels, accuracies, epochs, time and GPU-hours;
+    `results` are the runs' `epoch_results`."""
+    records = [trial_record(run, dict(r), gpu_fraction) for run, r in zip(runs, results)]
     labels = list(dict.fromkeys(k for run in runs for k in run.labels))
     columns = {key: pd.Series([r[key] for r in records]) for key in ("trial_id", "status")}
     for key in labels:
@@ -106,8 +117,8 @@ def trials_frame(runs: Sequence[TrialRun], gpu_fraction: float) -> pd.DataFrame:
     return pd.DataFrame(columns)
 
 
-def trial_record(run: TrialRun, gpu_fraction: float) -> dict[str, Any]:
-    results = epoch_results(run.metrics)
+def trial_record(run: TrialRun, results: dict[str, Any], gpu_fraction: float) -> dict[str, Any]:
+    """One run's row of the trials frame, from its `epoch_results` and what Tune says."""
     wall = run.wall_seconds
     status = trial_status(run, results["epochs_done"], results.pop("diverged"))
     return {
@@ -123,35 +134,66 @@ def trial_record(run: TrialRun, gpu_fraction: float) -> dict[str, Any]:
     }
 
 
-def epoch_results(metrics: pa.Table) -> dict[str, Any]:
-    """Best accuracy and its epoch, the last epoch's accuracies, epochs done, teacher accuracy."""
-    results: dict[str, Any] = {
-        "best_test_acc": None,
-        "best_epoch": None,
-        "final_test_acc": last_value(metrics, "test_acc"),
-        "final_test_acc_top5": last_value(metrics, "test_acc_top5"),
-        "epochs_done": metrics.num_rows,
-        "teacher_test_acc": None,
-        "diverged": bool(last_value(metrics, "diverged")),
-    }
-    teacher = numbers(metrics, "teacher_test_acc")
-    if np.isfinite(teacher).any():
-        results["teacher_test_acc"] = float(teacher[np.isfinite(teacher)][-1])
-    best = numbers(
-        metrics, "best_test_acc" if "best_test_acc" in metrics.column_names else "test_acc"
-    )
-    if np.isfinite(best).any():
-        at = int(np.nanargmax(np.where(np.isfinite(best), best, np.nan)))
-        results["best_test_acc"] = float(best[at])
-        results["best_epoch"] = int(metrics.column("epoch")[at].as_py())
+def epoch_results(runs: Sequence[TrialRun], epochs: pa.Table) -> list[dict[str, Any]]:
+    """Per run: best accuracy and its epoch, the last epoch's accuracies and `diverged`, epochs
+    done, teacher accuracy. Read from `epochs_table(runs)`, where each run's rows follow the
+    previous run's; a metric counts where the run reported it."""
+    counts = np.array([run.metrics.num_rows for run in runs], dtype=np.int64)
+    ends = np.cumsum(counts)
+    last = {key: last_values(epochs, key, ends - 1, counts) for key in LAST_VALUES}
+    columns = {key: numbers(epochs, key) for key in NUMBER_COLUMNS}
+    results = []
+    for index, run in enumerate(runs):
+        reported = set(run.metrics.schema.names)
+        rows = slice(ends[index] - counts[index], ends[index])
+        own = {k: column[rows] if k in reported else column[:0] for k, column in columns.items()}
+        results.append(
+            {
+                **best_result(own, "best_test_acc" if "best_test_acc" in reported else "test_acc"),
+                "final_test_acc": last["test_acc"][index] if "test_acc" in reported else None,
+                "final_test_acc_top5": last["test_acc_top5"][index]
+                if "test_acc_top5" in reported
+                else None,
+                "epochs_done": int(counts[index]),
+                "teacher_test_acc": last_finite(own["teacher_test_acc"]),
+                "diverged": "diverged" in reported and bool(last["diverged"][index]),
+            }
+        )
     return results
 
 
-def numbers(metrics: pa.Table, key: str) -> np.ndarray:
+LAST_VALUES = ("test_acc", "test_acc_top5", "diverged")
+NUMBER_COLUMNS = ("epoch", "best_test_acc", "test_acc", "teacher_test_acc")
+
+
+def best_result(columns: dict[str, np.ndarray], key: str) -> dict[str, Any]:
+    """The best finite value of a run's `key` column and the epoch of its first occurrence."""
+    values = columns[key]
+    if not np.isfinite(values).any():
+        return {"best_test_acc": None, "best_epoch": None}
+    at = int(np.nanargmax(np.where(np.isfinite(values), values, np.nan)))
+    return {"best_test_acc": float(values[at]), "best_epoch": int(columns["epoch"][at])}
+
+
+def last_finite(values: np.ndarray) -> float | None:
+    """The last finite value; None without one."""
+    finite = values[np.isfinite(values)]
+    return float(finite[-1]) if len(finite) else None
+
+
+def last_values(epochs: pa.Table, key: str, rows: np.ndarray, counts: np.ndarray) -> list[Any]:
+    """A column's value in each run's last row (`rows`; None for a run without rows)."""
+    if key not in epochs.schema.names:
+        return [None] * len(rows)
+    values = epochs.column(key).take(np.where(counts > 0, rows, 0)).to_pylist()
+    return [value if count else None for value, count in zip(values, counts)]
+
+
+def numbers(epochs: pa.Table, key: str) -> np.ndarray:
     """A column as floats (nulls as NaN); no such column: no values."""
-    if key not in metrics.column_names:
+    if key not in epochs.schema.names:
         return np.array([], dtype=float)
-    return np.asarray(metrics.column(key).to_numpy(zero_copy_only=False), dtype=float)
+    return np.asarray(epochs.column(key).to_numpy(zero_copy_only=False), dtype=float)
 
 
 def trial_status(run: TrialRun, epochs_done: int, diverged: bool) -> str:

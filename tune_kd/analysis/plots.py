@@ -6,6 +6,7 @@ import io
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -115,17 +116,31 @@ def plot_curves(
         return None
     keys = cell_keys(trials)
     ran = trials.loc[trials["status"].isin(["completed", "running"]), ["trial_id", *keys]]
-    data = epochs[["trial_id", "epoch", column]].merge(ran, on="trial_id")
-    if data.empty:
+    ran = ran.reset_index(drop=True)
+    position = pd.Index(ran["trial_id"]).get_indexer(epochs["trial_id"])  # -1: not shown
+    rows = position >= 0
+    if not rows.any():
         return None
-    panels = groups_of(data, [k for k in keys if k != "lr"], default=pair_name(data))
+    shown, first_rows = np.unique(position[rows], return_index=True)
+    shown = ran.iloc[shown[np.argsort(first_rows)]]  # in the order of their first epoch row
+    panels = groups_of(shown, [k for k in keys if k != "lr"], default=pair_name(shown))
+    lines: list[tuple[int, str]] = []  # each line's panel and label
+    line_of = np.full(len(ran), -1)  # each shown trial's line
+    for number, (_, panel) in enumerate(panels):
+        by_lr = panel.groupby("lr", dropna=False, sort=True) if "lr" in panel else [(None, panel)]
+        for lr, part in by_lr:
+            line_of[part.index] = len(lines)
+            lines.append((number, "default lr" if missing(lr) else f"lr={lr:g}"))
+    values = epochs.loc[rows, ["epoch", column]]
+    stats = line_stats(values, line_of[position[rows]], column, len(lines))
     columns = min(3, len(panels))
-    rows = math.ceil(len(panels) / columns)
-    fig = Figure(figsize=(5 * columns, 3.8 * rows + 0.6), layout="constrained")
-    axes = fig.subplots(rows, columns, sharex=True, sharey=True, squeeze=False).ravel()
+    grid_rows = math.ceil(len(panels) / columns)
+    fig = Figure(figsize=(5 * columns, 3.8 * grid_rows + 0.6), layout="constrained")
+    axes = fig.subplots(grid_rows, columns, sharex=True, sharey=True, squeeze=False).ravel()
     ylabel, title = CURVE_LABELS.get(column, (column, column))
-    for ax, (name, panel) in zip(axes, panels):
-        curve_panel(ax, panel, column, name)
+    for number, (ax, (name, _)) in enumerate(zip(axes, panels)):
+        panel_lines = [(label, stats[i]) for i, (at, label) in enumerate(lines) if at == number]
+        curve_panel(ax, panel_lines, name)
         ax.set_ylabel(ylabel)
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
@@ -133,12 +148,19 @@ def plot_curves(
     return fig
 
 
-def curve_panel(ax: Axes, panel: pd.DataFrame, column: str, name: str) -> None:
-    for lr, runs in (
-        panel.groupby("lr", dropna=False, sort=True) if "lr" in panel else [(None, panel)]
-    ):
-        stats = runs.groupby("epoch")[column].agg(["mean", "std"])
-        label = "default lr" if missing(lr) else f"lr={lr:g}"
+def line_stats(
+    values: pd.DataFrame, line_of_row: np.ndarray, column: str, count: int
+) -> list[pd.DataFrame]:
+    """Per line (`line_of_row` numbers each row's), the mean and std of `column` at each epoch,
+    over its rows in their order: one pass over the rows of every line."""
+    stats = values.groupby([line_of_row, "epoch"])[column].agg(["mean", "std"])
+    parts = {line: part.droplevel(0) for line, part in stats.groupby(level=0)}
+    return [parts.get(line, stats.iloc[:0].droplevel(0)) for line in range(count)]
+
+
+def curve_panel(ax: Axes, lines: Sequence[tuple[str, pd.DataFrame]], name: str) -> None:
+    """One panel: each line's mean per epoch with its ± std band."""
+    for label, stats in lines:
         (line,) = ax.plot(stats.index, stats["mean"], label=label)
         low, high = stats["mean"] - stats["std"], stats["mean"] + stats["std"]
         ax.fill_between(stats.index, low, high, color=line.get_color(), alpha=0.2)

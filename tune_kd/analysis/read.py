@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -106,9 +107,11 @@ def read_states(storage: Storage, files: Sequence[str], problems: list[str]) -> 
 
 
 def read_folders(storage: Storage, names: Sequence[str]) -> dict[str, Folder]:
-    """Every trial folder, read in parallel: on object storage each read is a round trip."""
+    """Every trial folder, read in parallel: on object storage each read is a round trip, a local
+    folder's reads are quick and parsing its result.json takes the time (one thread per core)."""
     names = [n for n in names if n.startswith(("trial_", "group_"))]
-    with ThreadPoolExecutor(max_workers=16) as pool:
+    workers = min(16, os.cpu_count() or 1) if storage.local else 16
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         return {f.name: f for f in pool.map(lambda name: read_folder(storage, name), names)}
 
 
@@ -182,7 +185,7 @@ def member_metrics(results: pa.Table, trial_id: str) -> pa.Table:
     """One group student's metrics, from its group's lines (`members`, keyed by plan index), each
     with the group's wall time so far."""
     key = str(int(trial_id.removeprefix("trial_")))
-    if "members" not in results.column_names:
+    if "members" not in results.schema.names:
         return EMPTY
     members = results.column("members").combine_chunks()
     if members.type.get_field_index(key) < 0:
@@ -197,7 +200,7 @@ def member_metrics(results: pa.Table, trial_id: str) -> pa.Table:
 
 def latest_per_epoch(metrics: pa.Table) -> pa.Table:
     """An epoch reported twice (a trial retried from an older checkpoint) keeps its last report."""
-    if "epoch" not in metrics.column_names or metrics.num_rows < 2:
+    if "epoch" not in metrics.schema.names or metrics.num_rows < 2:
         return metrics
     epochs = metrics.column("epoch").to_numpy(zero_copy_only=False)
     if (np.diff(epochs) > 0).all():

@@ -108,11 +108,11 @@ def fill_runs(runs: Sequence[TrialRun], folder: Folder | None, state: Mapping | 
         run.group_size = len(runs)
         run.wall_seconds = last_value(results, "time_total_s")
         metrics = member_metrics(results, run.trial_id) if len(runs) > 1 else results
-        run.metrics = latest_per_epoch(metrics.drop_columns(TUNE_KEYS & set(metrics.column_names)))
+        run.metrics = latest_per_epoch(metrics.drop_columns(TUNE_KEYS & set(metrics.schema.names)))
 
 
 def last_value(metrics: pa.Table, key: str) -> Any:
     """The last row's value of a column; None without that column or rows."""
-    if key not in metrics.column_names or not metrics.num_rows:
+    if key not in metrics.schema.names or not metrics.num_rows:
         return None
     return metrics.column(key)[-1].as_py()
