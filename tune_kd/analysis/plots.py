@@ -114,38 +114,57 @@ def plot_curves(
     cell: one line per learning rate, one panel per other distinguishing key; None without data."""
     if column not in epochs:
         return None
+    panels = curve_panels(epochs, trials, column)
+    if not panels:
+        return None
+    columns = min(3, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    fig = Figure(figsize=(5 * columns, 3.8 * rows + 0.6), layout="constrained")
+    axes = fig.subplots(rows, columns, sharex=True, sharey=True, squeeze=False).ravel()
+    ylabel, title = CURVE_LABELS.get(column, (column, column))
+    for ax, (name, lines) in zip(axes, panels):
+        curve_panel(ax, lines, name)
+        ax.set_ylabel(ylabel)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    fig.suptitle(f"{title} (mean line, ± std band over seeds)")
+    return fig
+
+
+Line = tuple[str, pd.DataFrame]  # a curve's label, and its mean and std per epoch
+
+
+def curve_panels(
+    epochs: pd.DataFrame, trials: pd.DataFrame, column: str
+) -> list[tuple[str, list[Line]]]:
+    """The panels of `plot_curves`, named, each with one line per learning rate: the mean and
+    std of `column` per epoch over the rows of the line's completed and running trials."""
     keys = cell_keys(trials)
     ran = trials.loc[trials["status"].isin(["completed", "running"]), ["trial_id", *keys]]
     ran = ran.reset_index(drop=True)
     position = pd.Index(ran["trial_id"]).get_indexer(epochs["trial_id"])  # -1: not shown
     rows = position >= 0
     if not rows.any():
-        return None
+        return []
     shown, first_rows = np.unique(position[rows], return_index=True)
     shown = ran.iloc[shown[np.argsort(first_rows)]]  # in the order of their first epoch row
     panels = groups_of(shown, [k for k in keys if k != "lr"], default=pair_name(shown))
-    lines: list[tuple[int, str]] = []  # each line's panel and label
-    line_of = np.full(len(ran), -1)  # each shown trial's line
-    for number, (_, panel) in enumerate(panels):
+    labels: list[list[str]] = []  # per panel, its lines' labels
+    line_of = np.full(len(ran), -1)  # each shown trial's line, numbered across the panels
+    count = 0
+    for _, panel in panels:
+        labels.append([])
         by_lr = panel.groupby("lr", dropna=False, sort=True) if "lr" in panel else [(None, panel)]
         for lr, part in by_lr:
-            line_of[part.index] = len(lines)
-            lines.append((number, "default lr" if missing(lr) else f"lr={lr:g}"))
+            line_of[part.index] = count
+            count += 1
+            labels[-1].append("default lr" if missing(lr) else f"lr={lr:g}")
     values = epochs.loc[rows, ["epoch", column]]
-    stats = line_stats(values, line_of[position[rows]], column, len(lines))
-    columns = min(3, len(panels))
-    grid_rows = math.ceil(len(panels) / columns)
-    fig = Figure(figsize=(5 * columns, 3.8 * grid_rows + 0.6), layout="constrained")
-    axes = fig.subplots(grid_rows, columns, sharex=True, sharey=True, squeeze=False).ravel()
-    ylabel, title = CURVE_LABELS.get(column, (column, column))
-    for number, (ax, (name, _)) in enumerate(zip(axes, panels)):
-        panel_lines = [(label, stats[i]) for i, (at, label) in enumerate(lines) if at == number]
-        curve_panel(ax, panel_lines, name)
-        ax.set_ylabel(ylabel)
-    for ax in axes[len(panels) :]:
-        ax.set_visible(False)
-    fig.suptitle(f"{title} (mean line, ± std band over seeds)")
-    return fig
+    stats = iter(line_stats(values, line_of[position[rows]], column, count))
+    return [
+        (name, [(label, next(stats)) for label in names])
+        for (name, _), names in zip(panels, labels)
+    ]
 
 
 def line_stats(
@@ -158,7 +177,7 @@ def line_stats(
     return [parts.get(line, stats.iloc[:0].droplevel(0)) for line in range(count)]
 
 
-def curve_panel(ax: Axes, lines: Sequence[tuple[str, pd.DataFrame]], name: str) -> None:
+def curve_panel(ax: Axes, lines: Sequence[Line], name: str) -> None:
     """One panel: each line's mean per epoch with its ± std band."""
     for label, stats in lines:
         (line,) = ax.plot(stats.index, stats["mean"], label=label)

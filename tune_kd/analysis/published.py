@@ -108,10 +108,13 @@ def first_match(rows: Iterator[Any]) -> Any:
 
 
 def missing(value: Any) -> bool:
+    """None, pandas' NA or NaN: a value not known."""
     return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
 
 
 def same(value: Any, published: Any) -> bool:
+    """A cell's value and a published one agree: numbers within 1e-9 relative, text whatever its
+    case; a missing value agrees with none."""
     if missing(value) or missing(published):
         return False
     if isinstance(published, float) and not isinstance(value, str):
