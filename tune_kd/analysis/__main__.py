@@ -1,4 +1,4 @@
-"""`python -m tune_kd.analysis EXPERIMENT_DIR`: see the package's docstring."""
+"""`python -m tune_kd.analysis EXPERIMENT_DIR`: the command line of `tune_kd.analysis.report`."""
 
 import sys
 
