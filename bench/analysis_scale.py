@@ -4,7 +4,8 @@
 
 Builds the experiment's folders as Ray Tune and the sweep write them (the plan, and per trial
 params.json and result.json with one line per epoch: the trainable's metrics plus Tune's own keys)
-in a temporary folder, then times `load_experiment`, `summarize` and writing every file.
+in a temporary folder, then times `load_experiment`, `summarize` and writing every file, in wall
+and CPU seconds.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import random
 import tempfile
 import time
@@ -103,9 +105,13 @@ def build(root: Path, trials: int, epochs: int) -> None:
 
 
 def timed(label: str, work):
-    start = time.perf_counter()
+    """Run `work`, printing its wall time and the CPU time of every thread of this process (on a
+    machine that other work shares, the CPU time varies less)."""
+    start, cpu = time.perf_counter(), time.process_time()
     result = work()
-    print(f"{label:<34}{time.perf_counter() - start:7.1f} s")
+    print(
+        f"{label:<34}{time.perf_counter() - start:7.1f} s  ({time.process_time() - cpu:.1f} s CPU)"
+    )
     return result
 
 
@@ -123,7 +129,7 @@ def main() -> None:
         )
         size = sum(f.stat().st_size for f in root.glob("*/result.json")) / 2**20
         print(f"result.json files: {size:.0f} MiB")
-        total = time.perf_counter()
+        total, cpu = time.perf_counter(), time.process_time()
         experiment = timed("load_experiment", lambda: analysis.load_experiment(str(root)))
         summary = timed("summarize", lambda: analysis.summarize(experiment.trials))
         out = str(root / analysis.RESULTS_FOLDER)
@@ -131,7 +137,10 @@ def main() -> None:
             "write parquet, tables and plots",
             lambda: analysis.write_files(experiment, summary, "best", out),
         )
-        print(f"{'total (read, summarize, write)':<34}{time.perf_counter() - total:7.1f} s")
+        print(
+            f"{'total (read, summarize, write)':<34}{time.perf_counter() - total:7.1f} s"
+            f"  ({time.process_time() - cpu:.1f} s CPU, load average {os.getloadavg()[0]:.1f})"
+        )
         rows, cells = len(experiment.epochs), len(summary)
         print(
             f"{len(experiment.trials)} trials, {rows} epoch rows, {cells} cells, {len(files)} files"

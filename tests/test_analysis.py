@@ -7,6 +7,8 @@ import io
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -605,6 +607,13 @@ def test_optuna_samples_are_found_in_the_folders(tmp_path):
 def test_reads_a_storage_uri(experiment_dir):
     uri = analysis.load_experiment(f"file://{experiment_dir}")
     assert uri.location.startswith("file://") and len(uri.trials) == 12
+
+
+def test_the_analysis_imports_without_torch():
+    """Reading results needs no torch: no module of the analysis imports it."""
+    code = "import sys; sys.modules['torch'] = None; import tune_kd.analysis"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 # ----------------------------------------------------------------------------- notebook

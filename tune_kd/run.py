@@ -257,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def report_results(storage: Storage, name: str) -> Any:
-    """The tables and plots of the experiment, and where they are; the `analysis.Report`."""
+    """The tables and plots of the experiment, and where they are; the `analysis.SweepReport`."""
     from tune_kd import analysis
 
     report = analysis.write_report(storage.uri_of(name))

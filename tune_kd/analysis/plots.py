@@ -1,0 +1,246 @@
+"""The plots of an experiment, as matplotlib figures (no pyplot: no display needed)."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from tune_kd.analysis.cells import METRIC_COLUMNS, cell_keys, cell_stats, summarize, summary_keys
+from tune_kd.analysis.frames import Experiment
+from tune_kd.analysis.published import missing
+from tune_kd.analysis.tables import METRIC_NAMES, format_accuracy, format_value
+
+
+def groups_of(
+    frame: pd.DataFrame, keys: Sequence[str], default: str
+) -> list[tuple[str, pd.DataFrame]]:
+    """`frame` split by the `keys` that vary in it, each part labelled `key=value, ...`."""
+    varying = [k for k in keys if frame[k].nunique(dropna=False) > 1]
+    if not varying:
+        return [(default, frame)]
+    parts = frame.groupby(varying, dropna=False, sort=False)
+    return [
+        (", ".join(f"{k}={format_value(v)}" for k, v in zip(varying, values)), part)
+        for values, part in parts
+    ]
+
+
+def pair_name(frame: pd.DataFrame) -> str:
+    """`teacher → student, method` of a frame holding one such combination."""
+    first_row = frame.iloc[0]
+    teacher = "" if missing(first_row["teacher"]) else f"{first_row['teacher']} → "
+    return f"{teacher}{first_row['student']}, {first_row['method']}"
+
+
+def plot_accuracy_vs_lr(
+    trials: pd.DataFrame, metric: str = "best", published: pd.DataFrame | None = None
+) -> Figure | None:
+    """Accuracy against learning rate per cell (mean ± std), one line per other distinguishing
+    key, the teacher and the paper's SimKD as horizontal lines; None without an lr axis."""
+    cells = summarize(trials, metric, published)
+    title = f"Student {METRIC_NAMES[metric].removesuffix(' (%)')} against learning rate"
+    fig = lr_figure(cells, METRIC_NAMES[metric], title)
+    if fig is not None:
+        reference_lines(fig.axes[0], cells)
+        fig.axes[0].legend(fontsize="small")
+    return fig
+
+
+def plot_top5_vs_lr(trials: pd.DataFrame) -> Figure | None:
+    """Final-epoch top-5 accuracy against learning rate per cell; None without an lr axis."""
+    cells = cell_stats(trials, "final_test_acc_top5")
+    fig = lr_figure(
+        cells, METRIC_NAMES["top5"], "Student top-5 test accuracy against learning rate"
+    )
+    if fig is not None:
+        fig.axes[0].legend(fontsize="small")
+    return fig
+
+
+def lr_figure(cells: pd.DataFrame, ylabel: str, title: str) -> Figure | None:
+    cells = cells[cells["n"] > 0]
+    if "lr" not in cells or cells["lr"].nunique() < 2:
+        return None
+    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
+    ax = fig.subplots()
+    keys = [k for k in summary_keys(cells) if k != "lr"]
+    for label, line in groups_of(cells, keys, default=pair_name(cells)):
+        line = line.sort_values("lr")
+        yerr = line["std"].fillna(0)
+        ax.errorbar(line["lr"], line["mean"], yerr=yerr, marker="o", capsize=3, label=label)
+    ax.set_xscale("log")
+    rates = sorted(cells["lr"].dropna().unique())
+    ax.set_xticks(rates, [f"{lr:g}" for lr in rates])
+    ax.minorticks_off()
+    ax.set_xlabel("initial learning rate (log scale)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title + "\n(mean ± std over seeds; a point without a bar had one finished trial)")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def reference_lines(ax: Axes, cells: pd.DataFrame) -> None:
+    """The teacher (measured, else published) and the paper's SimKD of each teacher/student pair."""
+    for (teacher, student), pair in cells.groupby(["teacher", "student"], sort=False):
+        measured = pair["teacher_acc"].mean()
+        source = "paper" if missing(measured) else "measured"
+        value = pair["published_teacher"].iloc[0] if missing(measured) else measured
+        if not missing(value):
+            label = f"teacher {teacher} ({source}): {value:.2f}"
+            ax.axhline(value, color="black", linestyle=":", label=label)
+        baseline, std = pair["baseline_mean"].iloc[0], pair["baseline_std"].iloc[0]
+        if not missing(baseline):
+            label = f"paper SimKD {teacher} → {student}: {format_accuracy(baseline, std, None)}"
+            ax.axhline(baseline, color="gray", linestyle="--", label=label)
+
+
+CURVE_LABELS = {
+    "test_acc": ("test accuracy (%)", "Test accuracy per epoch"),
+    "test_loss": ("test loss (cross-entropy)", "Test loss per epoch"),
+}
+
+
+def plot_curves(
+    epochs: pd.DataFrame, trials: pd.DataFrame, column: str = "test_acc"
+) -> Figure | None:
+    """`column` per epoch, mean line with a ± std band over the completed and running trials of a
+    cell: one line per learning rate, one panel per other distinguishing key; None without data."""
+    if column not in epochs:
+        return None
+    panels = curve_panels(epochs, trials, column)
+    if not panels:
+        return None
+    columns = min(3, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    fig = Figure(figsize=(5 * columns, 3.8 * rows + 0.6), layout="constrained")
+    axes = fig.subplots(rows, columns, sharex=True, sharey=True, squeeze=False).ravel()
+    ylabel, title = CURVE_LABELS.get(column, (column, column))
+    for ax, (name, lines) in zip(axes, panels):
+        curve_panel(ax, lines, name)
+        ax.set_ylabel(ylabel)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    fig.suptitle(f"{title} (mean line, ± std band over seeds)")
+    return fig
+
+
+Line = tuple[str, pd.DataFrame]  # a curve's label, and its mean and std per epoch
+
+
+def curve_panels(
+    epochs: pd.DataFrame, trials: pd.DataFrame, column: str
+) -> list[tuple[str, list[Line]]]:
+    """The panels of `plot_curves`, named, each with one line per learning rate: the mean and
+    std of `column` per epoch over the rows of the line's completed and running trials."""
+    keys = cell_keys(trials)
+    ran = trials.loc[trials["status"].isin(["completed", "running"]), ["trial_id", *keys]]
+    ran = ran.reset_index(drop=True)
+    position = pd.Index(ran["trial_id"]).get_indexer(epochs["trial_id"])  # -1: not shown
+    rows = position >= 0
+    if not rows.any():
+        return []
+    shown, first_rows = np.unique(position[rows], return_index=True)
+    shown = ran.iloc[shown[np.argsort(first_rows)]]  # in the order of their first epoch row
+    panels = groups_of(shown, [k for k in keys if k != "lr"], default=pair_name(shown))
+    labels: list[list[str]] = []  # per panel, its lines' labels
+    line_of = np.full(len(ran), -1)  # each shown trial's line, numbered across the panels
+    count = 0
+    for _, panel in panels:
+        labels.append([])
+        by_lr = panel.groupby("lr", dropna=False, sort=True) if "lr" in panel else [(None, panel)]
+        for lr, part in by_lr:
+            line_of[part.index] = count
+            count += 1
+            labels[-1].append("default lr" if missing(lr) else f"lr={lr:g}")
+    values = epochs.loc[rows, ["epoch", column]]
+    stats = iter(line_stats(values, line_of[position[rows]], column, count))
+    return [
+        (name, [(label, next(stats)) for label in names])
+        for (name, _), names in zip(panels, labels)
+    ]
+
+
+def line_stats(
+    values: pd.DataFrame, line_of_row: np.ndarray, column: str, count: int
+) -> list[pd.DataFrame]:
+    """Per line (`line_of_row` numbers each row's), the mean and std of `column` at each epoch,
+    over its rows in their order: one pass over the rows of every line."""
+    stats = values.groupby([line_of_row, "epoch"])[column].agg(["mean", "std"])
+    parts = {line: part.droplevel(0) for line, part in stats.groupby(level=0)}
+    return [parts.get(line, stats.iloc[:0].droplevel(0)) for line in range(count)]
+
+
+def curve_panel(ax: Axes, lines: Sequence[Line], name: str) -> None:
+    """One panel: each line's mean per epoch with its ± std band."""
+    for label, stats in lines:
+        (line,) = ax.plot(stats.index, stats["mean"], label=label)
+        low, high = stats["mean"] - stats["std"], stats["mean"] + stats["std"]
+        ax.fill_between(stats.index, low, high, color=line.get_color(), alpha=0.2)
+    ax.set_title(name, fontsize="medium")
+    ax.set_xlabel("epoch")
+    ax.tick_params(labelbottom=True)  # also above an empty slot of the grid
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+
+
+def plot_accuracy_vs_gpu_hours(trials: pd.DataFrame, metric: str = "best") -> Figure | None:
+    """Each cell's accuracy (mean ± std) against its mean GPU-hours per trial: what a variant
+    costs. None when no trial used a GPU."""
+    cells = cell_stats(trials, METRIC_COLUMNS[metric])
+    cells = cells[(cells["n"] > 0) & (cells["gpu_hours"] > 0)]
+    if cells.empty:
+        return None
+    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
+    ax = fig.subplots()
+    keys = [k for k in summary_keys(cells) if k != "lr"]
+    for label, part in groups_of(cells, keys, default=pair_name(cells)):
+        ax.errorbar(
+            part["gpu_hours"],
+            part["mean"],
+            yerr=part["std"].fillna(0),
+            fmt="o",
+            capsize=3,
+            label=label,
+        )
+        if "lr" in part and part["lr"].notna().any():
+            for x, y, lr in zip(part["gpu_hours"], part["mean"], part["lr"]):
+                ax.annotate(
+                    f"lr={format_value(lr)}",
+                    (x, y),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    fontsize="x-small",
+                )
+    ax.set_xlabel("GPU-hours per trial (mean over the cell's completed trials)")
+    ax.set_ylabel(METRIC_NAMES[metric])
+    ax.set_title("Accuracy against cost per grid cell (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def figures(experiment: Experiment, metric: str = "best") -> dict[str, Figure]:
+    """Every plot the experiment has data for, by file name."""
+    made = {
+        "accuracy_vs_lr": plot_accuracy_vs_lr(experiment.trials, metric),
+        "test_acc_curves": plot_curves(experiment.epochs, experiment.trials, "test_acc"),
+        "test_loss_curves": plot_curves(experiment.epochs, experiment.trials, "test_loss"),
+        "top5_vs_lr": plot_top5_vs_lr(experiment.trials),
+        "accuracy_vs_gpu_hours": plot_accuracy_vs_gpu_hours(experiment.trials, metric),
+    }
+    return {name: fig for name, fig in made.items() if fig is not None}
+
+
+def figure_bytes(fig: Figure, kind: str) -> bytes:
+    buffer = io.BytesIO()
+    metadata = {"Date": None} if kind == "svg" else None  # the same plot gives the same file
+    fig.savefig(buffer, format=kind, dpi=120, metadata=metadata)
+    return buffer.getvalue()

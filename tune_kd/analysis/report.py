@@ -1,0 +1,110 @@
+"""A sweep's results: every trial to parquet, mean ± std per grid cell, plots, published numbers.
+
+    python -m tune_kd.analysis EXPERIMENT_DIR [--out DIR] [--metric best|last]
+
+reads a Tune experiment (finished, still running or interrupted; a local folder or a storage URI)
+and writes into EXPERIMENT_DIR/results/: `trials.parquet` (one row per planned trial),
+`epochs.parquet` (one row per trial and epoch), `summary.md`/`.csv`/`.tex` (one row per grid
+cell) and the plots as PNG and SVG. The sweep calls `write_report` when it ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+
+from tune_kd import cli
+from tune_kd.analysis.cells import METRIC_COLUMNS, summarize
+from tune_kd.analysis.frames import Experiment, load_experiment
+from tune_kd.analysis.plots import figure_bytes, figures
+from tune_kd.analysis.read import ExperimentError
+from tune_kd.analysis.tables import failures, format_summary, summary_markdown, summary_tex
+from tune_kd.storage import Storage
+
+RESULTS_FOLDER = "results"
+
+
+@dataclass
+class SweepReport:
+    """What `write_report` read and wrote: the experiment, its summary, the metric summarised and
+    the files."""
+
+    experiment: Experiment
+    summary: pd.DataFrame
+    metric: str
+    files: list[str]  # what was written, as paths or URIs
+
+    @property
+    def failures(self) -> list[str]:
+        return failures(self.experiment.trials)
+
+
+def write_report(location: str, out: str | None = None, metric: str = "best") -> SweepReport:
+    """Read the experiment at `location` and write every table and plot into `out` (default
+    `location/results`): the sweep calls this at its end."""
+    experiment = load_experiment(location)
+    summary = summarize(experiment.trials, metric)
+    target = out if out is not None else Storage(str(location)).uri_of(RESULTS_FOLDER)
+    files = write_files(experiment, summary, metric, target)
+    return SweepReport(experiment, summary, metric, files)
+
+
+def write_files(experiment: Experiment, summary: pd.DataFrame, metric: str, out: str) -> list[str]:
+    """Both frames as parquet, the summary as markdown, CSV and LaTeX, every plot as PNG and SVG;
+    returns where each file went."""
+    target = Storage(str(out))
+    unwritable = target.unwritable()
+    if unwritable:
+        raise ExperimentError(unwritable)
+    contents = {
+        "trials.parquet": parquet_bytes(experiment.trials),
+        "epochs.parquet": parquet_bytes(experiment.epochs),
+        "summary.md": summary_markdown(
+            summary, metric, experiment.name, experiment.problems, failures(experiment.trials)
+        ),
+        "summary.csv": summary.to_csv(index=False),
+        "summary.tex": summary_tex(summary, metric),
+    }
+    for name, fig in figures(experiment, metric).items():
+        contents[f"{name}.png"] = figure_bytes(fig, "png")
+        contents[f"{name}.svg"] = figure_bytes(fig, "svg")
+    for name, content in contents.items():  # each file whole: an interruption keeps the old one
+        target.write(content.encode() if isinstance(content, str) else content, name)
+    return [target.uri_of(name) for name in contents]
+
+
+def parquet_bytes(frame: pd.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    return buffer.getvalue()
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = cli.ArgumentParser(
+        prog="python -m tune_kd.analysis", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "experiment", help="Tune experiment folder or URI (holds tune_kd_plan.json)"
+    )
+    parser.add_argument("--out", help="where the files go (default EXPERIMENT/results)")
+    parser.add_argument(
+        "--metric",
+        choices=list(METRIC_COLUMNS),
+        default="best",
+        help="best: best test accuracy over the epochs (the paper's); last: the final epoch's",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        report = write_report(args.experiment, args.out, args.metric)
+    except ExperimentError as error:
+        return cli.fail(error)
+    print(format_summary(report.summary, args.metric, report.files, report.failures))
+    return 0

@@ -1,0 +1,188 @@
+"""The summary as text: the terminal's table, markdown, LaTeX, and the list of failed trials."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pandas as pd
+
+from tune_kd.analysis.cells import summary_keys
+from tune_kd.analysis.frames import STATUSES, label_keys
+from tune_kd.analysis.published import missing
+from tune_kd.analysis.runs import CONTEXT_KEYS
+
+METRIC_NAMES = {
+    "best": "best test accuracy (%)",
+    "last": "final-epoch test accuracy (%)",
+    "top5": "final-epoch top-5 test accuracy (%)",
+}
+BEST_MARK, INCOMPLETE_MARK = "★", "†"
+LEGEND = f"{BEST_MARK} best cell; {INCOMPLETE_MARK} fewer trials finished than planned"
+
+
+def failures(trials: pd.DataFrame) -> list[str]:
+    """`trial_0001 (lr=0.05, seed=1): RuntimeError: ...` for every trial that ended in error,
+    with the labels that tell the trials apart."""
+    keys = [k for k in label_keys(trials) if trials[k].nunique(dropna=False) > 1]
+    lines = []
+    for row in trials[trials["status"].eq("error")].to_dict("records"):
+        labels = ", ".join(f"{k}={format_value(row[k])}" for k in keys)
+        lines.append(row["trial_id"] + (f" ({labels})" if labels else "") + f": {row['error']}")
+    return lines
+
+
+def format_accuracy(mean: Any, std: Any, n: Any) -> str:
+    """`75.43 ± 0.26`; one value `18.36 ± n/a (n=1)`; none `—`."""
+    if missing(mean):
+        return "—"
+    if missing(std):
+        return f"{mean:.2f} ± n/a" + ("" if missing(n) else f" (n={n})")
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def display_table(summary: pd.DataFrame, metric: str = "best") -> pd.DataFrame:
+    """The summary as text, one column per thing a reader compares; columns without any known
+    value (no published number, no teacher) and the context keys of `shared_line` are left out."""
+    rows = [display_row(cell, summary_keys(summary)) for cell in summary.to_dict("records")]
+    table = pd.DataFrame(rows).rename(columns={"result": METRIC_NAMES[metric]})
+    optional = ["teacher (%)", "published teacher", "published", "vs paper SimKD"]
+    unknown = [c for c in optional if table[c].eq("-").all()]
+    return table.drop(columns=[*unknown, *shared_context(summary)])
+
+
+def shared_context(summary: pd.DataFrame) -> dict[str, str]:
+    """The context keys with one value in every cell: said once rather than in every row."""
+    return {
+        key: format_value(summary[key].iloc[0])
+        for key in CONTEXT_KEYS
+        if key in summary and summary[key].nunique(dropna=False) == 1
+    }
+
+
+def shared_line(summary: pd.DataFrame) -> str:
+    shared = ", ".join(f"{k}={v}" for k, v in shared_context(summary).items())
+    return f"in every cell: {shared}" if shared else ""
+
+
+def display_row(cell: Mapping[str, Any], keys: Sequence[str]) -> dict[str, str]:
+    result = format_accuracy(cell["mean"], cell["std"], cell["n"])
+    published = format_accuracy(cell["published_mean"], cell["published_std"], cell["published_n"])
+    gap = cell["mean"] - cell["baseline_mean"]
+    return {
+        **{key: format_value(cell[key]) for key in keys},
+        "result": result + (f" {BEST_MARK}" if cell["best"] else ""),
+        "n": f"{cell['n']}/{cell['n_planned']}"
+        + (f" {INCOMPLETE_MARK}" if cell["incomplete"] else ""),
+        "not finished": ", ".join(f"{cell[s]} {s}" for s in STATUSES[1:] if cell[s]) or "-",
+        "GPU-h": format_value(cell["gpu_hours"], ".2f"),
+        "teacher (%)": format_value(cell["teacher_acc"], ".2f"),
+        "published teacher": format_value(cell["published_teacher"], ".2f"),
+        "published": "-" if published == "—" else f"{published} ({cell['published_source']})",
+        "vs paper SimKD": format_value(gap, "+.2f"),
+    }
+
+
+def format_value(value: Any, spec: str = "") -> str:
+    """A label or number as table text: `-` when missing, a float by `spec` or `:g`."""
+    if missing(value):
+        return "-"
+    if spec:
+        return format(value, spec)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def status_line(summary: pd.DataFrame) -> str:
+    counts = ", ".join(f"{int(summary[s].sum())} {s}" for s in STATUSES)
+    return f"trials: {int(summary['n_planned'].sum())} planned: {counts}"
+
+
+def aligned(table: pd.DataFrame) -> str:
+    """A fixed-width text table, left-aligned."""
+    widths = [max(len(str(c)), *(len(v) for v in table[c])) for c in table.columns]
+    lines = [[str(c) for c in table.columns], *table.itertuples(index=False)]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def format_summary(
+    summary: pd.DataFrame,
+    metric: str = "best",
+    files: Sequence[str] = (),
+    failed: Sequence[str] = (),
+) -> str:
+    """The terminal summary: the cells' table, the trials in each status, the errors of the failed
+    ones (`failures`), where the files are."""
+    lines = [
+        f"{METRIC_NAMES[metric]} per grid cell: mean ± std over completed trials",
+        aligned(display_table(summary, metric)),
+        LEGEND,
+        shared_line(summary),
+        status_line(summary),
+        *(["failed trials:", *(f"  {line}" for line in failed)] if failed else []),
+    ]
+    if files:
+        folder = files[0].rsplit("/", 1)[0]
+        lines.append(f"files in {folder}: " + ", ".join(f.rsplit("/", 1)[-1] for f in files))
+    return "\n".join(line for line in lines if line)
+
+
+def summary_markdown(
+    summary: pd.DataFrame,
+    metric: str,
+    title: str,
+    problems: Sequence[str],
+    failed: Sequence[str] = (),
+) -> str:
+    table = display_table(summary, metric)
+    rows = [table.columns, *table.itertuples(index=False)]
+    lines = ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in rows]
+    lines.insert(1, "|" + "---|" * len(table.columns))
+    header = [f"# {title}", "", f"{METRIC_NAMES[metric]}: mean ± std over completed trials.", ""]
+    notes = [LEGEND + ".", shared_line(summary), status_line(summary) + "."]
+    footer = [line for note in notes if note for line in ("", note)]
+    listed = ["", "Failed trials:", *(f"- {f}" for f in failed)] if failed else []
+    listed += ["", "Problems:", *(f"- {p}" for p in problems)] if problems else []
+    return "\n".join(header + lines + footer + listed) + "\n"
+
+
+TEX_ESCAPES = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "±": r"$\pm$",
+    "—": "---",
+    "→": r"$\to$",
+    BEST_MARK: r"$\star$",
+    INCOMPLETE_MARK: r"$^\dagger$",
+}
+
+
+def tex_escape(value: str) -> str:
+    return "".join(TEX_ESCAPES.get(char, char) for char in value)
+
+
+def summary_tex(summary: pd.DataFrame, metric: str) -> str:
+    table = display_table(summary, metric)
+    rows = [
+        " & ".join(tex_escape(str(v)) for v in row) + r" \\"
+        for row in table.itertuples(index=False)
+    ]
+    header = " & ".join(tex_escape(c) for c in table.columns) + r" \\"
+    return "\n".join(
+        [
+            r"\begin{tabular}{" + "l" * len(table.columns) + "}",
+            r"\hline",
+            header,
+            r"\hline",
+            *rows,
+            r"\hline",
+            r"\end{tabular}",
+            *(f"% {line}" for line in (LEGEND, shared_line(summary)) if line),
+            "",
+        ]
+    )
