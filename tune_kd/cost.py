@@ -136,7 +136,8 @@ def group_gpu_hours(configs: Sequence[Config]) -> float:
     first = configs[0]
     seconds = teacher_seconds(first)
     fusing = first.fuse_students is not False  # a GPU fuses by default
-    parts = fused.partition(configs) if fusing else [[c] for c in configs]
+    positions = fused.partition(configs) if fusing else [[i] for i in range(len(configs))]
+    parts = [[configs[i] for i in part] for part in positions]
     for part in parts:
         alone = student_seconds(part[0])
         if len(part) == 1:

@@ -21,7 +21,6 @@ import pickle
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from torch import Tensor, nn
 from tune_kd import cli, distillers, fused, losses, models
 from tune_kd import data as datasets
 from tune_kd.config import EXECUTION_KEYS, KEYS, SHARED_KEYS, Config, ConfigError, describe, resolve
+from tune_kd.member import Member, build_member, restore, snapshot, to_device
 from tune_kd.storage import Storage
 
 # Metrics that measure the machine rather than the training: they differ between identical runs.
@@ -82,51 +82,7 @@ def build_teacher(
             "teacher_checkpoint",
             f"the teacher has {classes} classes but {config.dataset} has {num_classes}",
         )
-    return distillers.Teacher(_prepare(model, config, device))
-
-
-def _prepare(model: nn.Module, config: Config, device: torch.device) -> nn.Module:
-    model = model.to(device)
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
-@dataclass
-class Member:
-    """One student of a run: its distiller, optimizer and running record."""
-
-    config: Config
-    distiller: distillers.Distiller
-    optimizer: torch.optim.Optimizer
-    best_test_acc: float = 0.0
-    diverged: bool = False
-    sums: Tensor | None = field(default=None, repr=False)  # loss, top-1, top-5, dropped: on device
-
-    @property
-    def active(self) -> bool:
-        return not self.diverged
-
-
-def build_member(
-    config: Config, teacher: distillers.Teacher | None, num_classes: int, device: torch.device
-) -> Member:
-    """A student, its distiller and its optimizer. Seeded by the config alone, so a student
-    starts from the same weights whether it trains alone or in a group."""
-    torch.manual_seed(config.seed)
-    student = _prepare(models.create(config.student, num_classes=num_classes), config, device)
-    distiller = distillers.create(config, student, teacher).to(device)
-    if config.channels_last:
-        distiller = distiller.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(
-        [p for p in distiller.parameters() if p.requires_grad],
-        lr=config.lr,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        nesterov=config.nesterov,
-        fused=device.type == "cuda",  # one kernel for every parameter
-    )
-    return Member(config, distiller, optimizer)
+    return distillers.Teacher(to_device(model, config, device))
 
 
 def train_one_epoch(run: Run, epoch: int) -> float:
@@ -189,7 +145,7 @@ class StepPlan:
         for m in self.sequential:
             with run.autocast():
                 out = m.distiller.train_step(images, labels, teacher_out)
-            m.optimizer.zero_grad(set_to_none=True)
+            m.clear_grads()
             out.loss.backward()
             m.optimizer.step()
             m.sums += _step_sums(out, labels)
@@ -201,15 +157,17 @@ class StepPlan:
 
     def snapshot(self) -> list:
         """Copies of everything a step changes in place."""
-        return [_state_tensors(m) for m in self.sequential] + [g.snapshot() for g in self.fused]
+        return [snapshot(owner.step_state()) for owner in self._owners()]
 
     def restore(self, saved: list) -> None:
         """Put a `snapshot` back, with no gradients (backward then allocates them anew)."""
-        for m, before in zip(self.sequential, saved):
-            _restore(m, before)
-            m.optimizer.zero_grad(set_to_none=True)
-        for group, before in zip(self.fused, saved[len(self.sequential) :]):
-            group.restore(before)
+        for owner, before in zip(self._owners(), saved, strict=True):
+            restore(owner.step_state(), before)
+            owner.clear_grads()
+
+    def _owners(self) -> list[Member | fused.FusedGroup]:
+        """The holders of the state a step changes: each sequential student, each fused group."""
+        return [*self.sequential, *self.fused]
 
 
 class CapturedStep:
@@ -240,34 +198,6 @@ class CapturedStep:
         self.images.copy_(images)
         self.labels.copy_(labels)
         self.graph.replay()
-
-
-def _state_tensors(m: Member) -> dict[str, Tensor | None]:
-    """Copies of everything a training step changes in place, keyed by where it lives."""
-    saved: dict[str, Tensor | None] = {
-        f"model.{k}": v.detach().clone() for k, v in m.distiller.state_dict().items()
-    }
-    for i, p in enumerate(m.optimizer.param_groups[0]["params"]):
-        buffer = m.optimizer.state.get(p, {}).get("momentum_buffer")
-        saved[f"momentum.{i}"] = None if buffer is None else buffer.clone()
-    saved["sums"] = m.sums.clone()
-    return saved
-
-
-def _restore(m: Member, saved: dict[str, Tensor | None]) -> None:
-    """Put saved values back in place (a captured graph holds on to the tensors themselves).
-    A momentum buffer that did not exist is zeroed: SGD's first step gives the same result."""
-    with torch.no_grad():
-        for k, v in m.distiller.state_dict().items():
-            v.copy_(saved[f"model.{k}"])
-        for i, p in enumerate(m.optimizer.param_groups[0]["params"]):
-            buffer = m.optimizer.state.get(p, {}).get("momentum_buffer")
-            before = saved[f"momentum.{i}"]
-            if buffer is not None and before is not None:
-                buffer.copy_(before)
-            elif buffer is not None:
-                buffer.zero_()
-        m.sums.copy_(saved["sums"])
 
 
 def _step_sums(out: distillers.StepOutput, labels: Tensor) -> Tensor:
@@ -365,7 +295,8 @@ class Run:
         from its fused model at the next epoch, when the others are stacked anew."""
         groups: dict[tuple[int, ...], fused.FusedGroup] = {}
         if self.configs[0].fuse_students:
-            for part in fused.partition(members):
+            for positions in fused.partition([m.config for m in members]):
+                part = [members[i] for i in positions]
                 key = tuple(id(m) for m in part)
                 if len(part) > 1:
                     groups[key] = self._fused.get(key) or fused.FusedGroup(part)
