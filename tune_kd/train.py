@@ -97,7 +97,7 @@ def train_one_epoch(run: Run, epoch: int) -> float:
             group["lr"] = learning_rate(m.config, epoch)
         # zeroed in place: a captured step adds to this very tensor
         m.sums = torch.zeros(4, device=run.device) if m.sums is None else m.sums.zero_()
-    step = StepPlan(run, members)
+    step = TrainStep(members, run.fused_groups(members), run.teacher, run.autocast)
     start = time.perf_counter()
     for images, labels in run.batches(epoch):
         if run.configs[0].compile == "reduce-overhead":
@@ -111,17 +111,25 @@ def train_one_epoch(run: Run, epoch: int) -> float:
     return time.perf_counter() - start
 
 
-class StepPlan:
-    """One optimizer step of every active student on one batch, sharing one teacher pass: the
-    students of each fused sub-group at once (`tune_kd.fused`), the others one after another.
+class TrainStep:
+    """Trains every student of `members` one optimizer step on one batch, sharing one teacher
+    pass: the students of each of `fused_groups` at once (`tune_kd.fused`), the others one after
+    another.
 
     Made at the start of an epoch, when the fused groups load their students' state; `finish`
     writes it back at the end."""
 
-    def __init__(self, run: Run, members: list[Member]):
-        self.run = run
+    def __init__(
+        self,
+        members: list[Member],
+        fused_groups: list[fused.FusedGroup],
+        teacher: distillers.Teacher | None,
+        autocast: Callable[[], contextlib.AbstractContextManager],
+    ):
         self.members = members
-        self.fused = run.fused_groups(members)
+        self.fused = fused_groups
+        self.teacher = teacher
+        self.autocast = autocast
         in_fused = {id(m) for group in self.fused for m in group.members}
         self.sequential = [m for m in members if id(m) not in in_fused]
         self.stages = set().union(*(m.distiller.teacher_stages for m in members))
@@ -135,15 +143,14 @@ class StepPlan:
         return tuple((id(m), m.optimizer.param_groups[0]["lr"]) for m in self.members)
 
     def __call__(self, images: Tensor, labels: Tensor) -> None:
-        run = self.run
-        with run.autocast():
-            teacher_out = run.teacher(images, labels, self.stages) if self.needs_teacher else None
+        with self.autocast():
+            teacher_out = self.teacher(images, labels, self.stages) if self.needs_teacher else None
         for group in self.fused:
-            outputs = group.step(images, labels, teacher_out, run.autocast)
+            outputs = group.step(images, labels, teacher_out, self.autocast)
             for m, out in zip(group.members, outputs):
                 m.sums += _step_sums(out, labels)
         for m in self.sequential:
-            with run.autocast():
+            with self.autocast():
                 out = m.distiller.train_step(images, labels, teacher_out)
             m.clear_grads()
             out.loss.backward()
@@ -171,7 +178,7 @@ class StepPlan:
 
 
 class CapturedStep:
-    """A `StepPlan` recorded once as a CUDA graph and replayed on every full batch: one launch
+    """A `TrainStep` recorded once as a CUDA graph and replayed on every full batch: one launch
     instead of hundreds, where small CIFAR networks would otherwise wait on Python.
 
     Warm-up steps on the first batch create the optimizer state and let cuDNN pick its kernels;
@@ -179,7 +186,7 @@ class CapturedStep:
     goes exactly as the same steps without the graph.
     """
 
-    def __init__(self, step: StepPlan, images: Tensor, labels: Tensor):
+    def __init__(self, step: TrainStep, images: Tensor, labels: Tensor):
         self.key = step.key
         self.images, self.labels = images.clone(), labels.clone()
         saved = step.snapshot()
@@ -282,7 +289,7 @@ class Run:
             return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=cache)
         return contextlib.nullcontext()
 
-    def captured_step(self, step: StepPlan, images: Tensor, labels: Tensor) -> CapturedStep:
+    def captured_step(self, step: TrainStep, images: Tensor, labels: Tensor) -> CapturedStep:
         """The CUDA graph of `step`, captured again when the students or their lrs change."""
         if self._captured is None or self._captured.key != step.key:
             self._captured = None  # free the old graph's memory first
