@@ -98,11 +98,12 @@ def train_one_epoch(run: Run, epoch: int) -> float:
         # zeroed in place: a captured step adds to this very tensor
         m.sums = torch.zeros(4, device=run.device) if m.sums is None else m.sums.zero_()
     step = TrainStep(members, run.fused_groups(members), run.teacher, run.autocast)
+    shared = run.shared
     start = time.perf_counter()
     for images, labels in run.batches(epoch):
-        if run.configs[0].compile == "reduce-overhead":
+        if shared.compile == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are free
-        if run.configs[0].cuda_graphs and len(labels) == run.configs[0].batch_size:
+        if shared.cuda_graphs and len(labels) == shared.batch_size:
             run.captured_step(step, images, labels).replay(images, labels)
         else:
             step(images, labels)
@@ -263,29 +264,35 @@ class Run:
             resolve(c if isinstance(c, Config) else Config.from_dict(c)) for c in configs
         ]
         check_group(self.configs)
-        first = self.configs[0]
-        self.device = torch.device(first.device)
+        shared = self.shared
+        self.device = torch.device(shared.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        self.data = datasets.DeviceData(data if data is not None else load_data(first), self.device)
-        self.teacher = build_teacher(first, self.data.num_classes, self.device, teacher_state)
+        self.data = datasets.DeviceData(load_data(shared) if data is None else data, self.device)
+        self.teacher = build_teacher(shared, self.data.num_classes, self.device, teacher_state)
         self.members = [
             build_member(c, self.teacher, self.data.num_classes, self.device) for c in self.configs
         ]
-        if first.compile != "off":
+        if shared.compile != "off":
             for m in self.members:
-                m.distiller.student.compile(mode=first.compile)
+                m.distiller.student.compile(mode=shared.compile)
             if self.teacher is not None:
-                self.teacher.model.compile(mode=first.compile)
+                self.teacher.model.compile(mode=shared.compile)
         self.epoch = 0
         self._captured: CapturedStep | None = None
         self._fused: dict[tuple[int, ...], fused.FusedGroup] = {}
         self.teacher_test_acc = evaluate_teacher(self)
 
+    @property
+    def shared(self) -> Config:
+        """The group's shared settings: the first configuration, whose `config.SHARED_KEYS`
+        every student's configuration equals (`check_group`)."""
+        return self.configs[0]
+
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.configs[0].precision == "bf16":
+        if self.shared.precision == "bf16":
             # A captured graph must cast the weights on every replay: no cast cache.
-            cache = not self.configs[0].cuda_graphs
+            cache = not self.shared.cuda_graphs
             return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=cache)
         return contextlib.nullcontext()
 
@@ -301,7 +308,7 @@ class Run:
         A group lives as long as its students train together: a student that stops is dropped
         from its fused model at the next epoch, when the others are stacked anew."""
         groups: dict[tuple[int, ...], fused.FusedGroup] = {}
-        if self.configs[0].fuse_students:
+        if self.shared.fuse_students:
             for positions in fused.partition([m.config for m in members]):
                 part = [members[i] for i in positions]
                 key = tuple(id(m) for m in part)
@@ -317,19 +324,19 @@ class Run:
 
     @property
     def done(self) -> bool:
-        return self.epoch >= self.configs[0].epochs or not self.active_members
+        return self.epoch >= self.shared.epochs or not self.active_members
 
     def batches(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-        first = self.configs[0]
-        for images, labels in self.data.train_batches(epoch, first.batch_size, first.seed):
+        shared = self.shared
+        for images, labels in self.data.train_batches(epoch, shared.batch_size, shared.seed):
             yield self._format(images), labels
 
     def eval_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
-        for images, labels in self.data.eval_batches(self.configs[0].eval_batch_size):
+        for images, labels in self.data.eval_batches(self.shared.eval_batch_size):
             yield self._format(images), labels
 
     def _format(self, images: Tensor) -> Tensor:
-        if self.configs[0].channels_last:
+        if self.shared.channels_last:
             return images.contiguous(memory_format=torch.channels_last)
         return images
 
