@@ -1,12 +1,13 @@
 """Students of one structure trained as one horizontally fused model.
 
 After HFTA (Wang et al., MLSys 2021, "Horizontally Fused Training Array"): the students of a group
-that share an architecture and a projector design are stacked, parameter by parameter, into one
-model whose operators are G times wider, and trained with one forward, one backward and one SGD
-update per batch instead of G of each. `torch.func.vmap` over the distiller's `forward` does the
-fusing: the shared batch enters unbatched, so the first convolution becomes one convolution with
-G times the filters and the later ones grouped convolutions; batch norm runs over G x C channels
-with its running statistics stacked and updated in place; linear layers become batched matmuls.
+with equal `fusion_key` (architecture, method, projector) are stacked, parameter by parameter,
+into one model whose operators are G times wider, and trained with one forward, one backward and
+one SGD update per batch instead of G of each. `torch.func.vmap` over the distiller's `forward`
+does the fusing: the shared batch enters unbatched, so the first convolution becomes one
+convolution with G times the filters and the later ones grouped convolutions; batch norm runs over
+G x C channels with its running statistics stacked and updated in place; linear layers become
+batched matmuls.
 
 Everything else stays per student: each computes its own loss (l2, cosine, kl, its weights and
 `teacher_correct_only`) on its slice of the fused outputs, and the update uses its own learning

@@ -7,8 +7,13 @@
 
 A run trains a group of students that share one teacher pass per batch: every student of the group
 sees the same batches, so the teacher's forward is computed once for all of them. A single
-configuration is a group of one. Each student keeps its own optimizer, schedule, metrics and
-divergence handling; `report` is called once per epoch with each student's metrics.
+configuration is a group of one. Each student (a `tune_kd.member.Member`) keeps its own optimizer,
+schedule, metrics and divergence handling; `report` is called once per epoch with each student's
+metrics, None for one that has stopped.
+
+Each batch is one `TrainStep`: with `fuse_students`, students of one structure train as one fused
+model (`tune_kd.fused`), the others one after another; with `cuda_graphs`, a `CapturedStep`
+replays the step as a CUDA graph on every full batch.
 """
 
 from __future__ import annotations
@@ -251,7 +256,8 @@ def _synchronize(device: torch.device) -> None:
 
 
 class Run:
-    """The state of one run: the data on the device, the teacher, and the group of students."""
+    """The state of one run: the data on the device, the teacher, the group of students, and the
+    fused groups and captured CUDA graph that its epochs' steps reuse."""
 
     def __init__(
         self,
