@@ -278,7 +278,7 @@ def test_steps_replayed_as_cuda_graphs_train_as_eager_steps(tiny):
         "synthetic_train_size": 200,
     }  # a partial last batch runs eagerly
     eager = without_timing(train_all(Run([{**config, "cuda_graphs": False}])))
-    assert Run([config]).configs[0].cuda_graphs  # the default on CUDA
+    assert Run([config]).shared.cuda_graphs  # the default on CUDA
     graphed = without_timing(train_all(Run([config])))
     for a, b in zip(eager, graphed):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)

@@ -131,7 +131,10 @@ def group_gpu_hours(configs: Sequence[Config]) -> float:
     their fused sub-groups fused where the group's `fuse_students` is on."""
     first = configs[0]
     seconds = teacher_seconds(first)
-    parts = fused.partition(configs) if first.fuse_students else [[c] for c in configs]
+    if first.fuse_students:
+        parts = [[configs[i] for i in part] for part in fused.partition(configs)]
+    else:
+        parts = [[c] for c in configs]
     for part in parts:
         alone = student_seconds(part[0])
         if len(part) == 1:

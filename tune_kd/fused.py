@@ -1,12 +1,13 @@
 """Students of one structure trained as one horizontally fused model.
 
 After HFTA (Wang et al., MLSys 2021, "Horizontally Fused Training Array"): the students of a group
-that share an architecture and a projector design are stacked, parameter by parameter, into one
-model whose operators are G times wider, and trained with one forward, one backward and one SGD
-update per batch instead of G of each. `torch.func.vmap` over the distiller's `forward` does the
-fusing: the shared batch enters unbatched, so the first convolution becomes one convolution with
-G times the filters and the later ones grouped convolutions; batch norm runs over G x C channels
-with its running statistics stacked and updated in place; linear layers become batched matmuls.
+with equal `fusion_key` (architecture, method, projector) are stacked, parameter by parameter,
+into one model whose operators are G times wider, and trained with one forward, one backward and
+one SGD update per batch instead of G of each. `torch.func.vmap` over the distiller's `forward`
+does the fusing: the shared batch enters unbatched, so the first convolution becomes one
+convolution with G times the filters and the later ones grouped convolutions; batch norm runs over
+G x C channels with its running statistics stacked and updated in place; linear layers become
+batched matmuls.
 
 Everything else stays per student: each computes its own loss (l2, cosine, kl, its weights and
 `teacher_correct_only`) on its slice of the fused outputs, and the update uses its own learning
@@ -21,7 +22,7 @@ checkpoints and exported students are exactly those of students trained one afte
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -30,11 +31,7 @@ from torch.utils._pytree import tree_map
 
 from tune_kd.config import Config
 from tune_kd.distillers import StepOutput, TeacherOutput
-
-if TYPE_CHECKING:
-    from tune_kd.train import Member
-
-Item = TypeVar("Item")
+from tune_kd.member import Member
 
 
 def fusion_key(config: Config) -> tuple:
@@ -50,13 +47,12 @@ def fusion_key(config: Config) -> tuple:
     return (config.student, config.method, *projector, bool(config.ce_weight), config.nesterov)
 
 
-def partition(items: Sequence[Item]) -> list[list[Item]]:
-    """Members (or configurations) in sub-groups of equal `fusion_key`, in order of first
+def partition(configs: Sequence[Config]) -> list[list[int]]:
+    """The positions of `configs` in sub-groups of equal `fusion_key`, in order of first
     appearance."""
-    parts: dict[tuple, list[Item]] = {}
-    for item in items:
-        config = item if isinstance(item, Config) else item.config
-        parts.setdefault(fusion_key(config), []).append(item)
+    parts: dict[tuple, list[int]] = {}
+    for i, config in enumerate(configs):
+        parts.setdefault(fusion_key(config), []).append(i)
     return list(parts.values())
 
 
@@ -124,8 +120,7 @@ class FusedGroup:
             own = tree_map(lambda t, i=i: t[i], fused)  # this student's slice of every output
             with autocast():
                 outputs.append(m.distiller.loss(own, labels, teacher))
-        for p in self.params.values():
-            p.grad = None
+        self.clear_grads()
         torch.stack([out.loss for out in outputs]).sum().backward()
         self._sgd()
         return outputs
@@ -145,18 +140,12 @@ class FusedGroup:
             buffer = self.momentum[name].mul_(rate).add_(grad)
             p.sub_(self.lr.view(shape) * (grad + rate * buffer if self.nesterov else buffer))
 
-    def snapshot(self) -> list[Tensor]:
-        """Copies of everything a step changes in place (for `train.CapturedStep`)."""
-        return [t.detach().clone() for t in self._state()]
-
-    def restore(self, saved: list[Tensor]) -> None:
-        with torch.no_grad():
-            for t, value in zip(self._state(), saved):
-                t.copy_(value)
+    def clear_grads(self) -> None:
         for p in self.params.values():
-            p.grad = None  # backward allocates them in the captured graph's pool
+            p.grad = None
 
-    def _state(self) -> list[Tensor]:
+    def step_state(self) -> list[Tensor]:
+        """Everything a step changes in place (see `tune_kd.member.snapshot`)."""
         return [
             *self.params.values(),
             *self.buffers.values(),

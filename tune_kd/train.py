@@ -7,8 +7,13 @@
 
 A run trains a group of students that share one teacher pass per batch: every student of the group
 sees the same batches, so the teacher's forward is computed once for all of them. A single
-configuration is a group of one. Each student keeps its own optimizer, schedule, metrics and
-divergence handling; `report` is called once per epoch with each student's metrics.
+configuration is a group of one. Each student (a `tune_kd.member.Member`) keeps its own optimizer,
+schedule, metrics and divergence handling; `report` is called once per epoch with each student's
+metrics, None for one that has stopped.
+
+Each batch is one `TrainStep`: with `fuse_students`, students of one structure train as one fused
+model (`tune_kd.fused`), the others one after another; with `cuda_graphs`, a `CapturedStep`
+replays the step as a CUDA graph on every full batch.
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ import pickle
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,7 @@ from torch import Tensor, nn
 from tune_kd import cli, distillers, fused, losses, models
 from tune_kd import data as datasets
 from tune_kd.config import EXECUTION_KEYS, KEYS, SHARED_KEYS, Config, ConfigError, describe, resolve
+from tune_kd.member import Member, build_member, restore, snapshot, to_device
 from tune_kd.storage import Storage
 
 # Metrics that measure the machine rather than the training: they differ between identical runs.
@@ -82,51 +87,7 @@ def build_teacher(
             "teacher_checkpoint",
             f"the teacher has {classes} classes but {config.dataset} has {num_classes}",
         )
-    return distillers.Teacher(_prepare(model, config, device))
-
-
-def _prepare(model: nn.Module, config: Config, device: torch.device) -> nn.Module:
-    model = model.to(device)
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
-@dataclass
-class Member:
-    """One student of a run: its distiller, optimizer and running record."""
-
-    config: Config
-    distiller: distillers.Distiller
-    optimizer: torch.optim.Optimizer
-    best_test_acc: float = 0.0
-    diverged: bool = False
-    sums: Tensor | None = field(default=None, repr=False)  # loss, top-1, top-5, dropped: on device
-
-    @property
-    def active(self) -> bool:
-        return not self.diverged
-
-
-def build_member(
-    config: Config, teacher: distillers.Teacher | None, num_classes: int, device: torch.device
-) -> Member:
-    """A student, its distiller and its optimizer. Seeded by the config alone, so a student
-    starts from the same weights whether it trains alone or in a group."""
-    torch.manual_seed(config.seed)
-    student = _prepare(models.create(config.student, num_classes=num_classes), config, device)
-    distiller = distillers.create(config, student, teacher).to(device)
-    if config.channels_last:
-        distiller = distiller.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(
-        [p for p in distiller.parameters() if p.requires_grad],
-        lr=config.lr,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        nesterov=config.nesterov,
-        fused=device.type == "cuda",  # one kernel for every parameter
-    )
-    return Member(config, distiller, optimizer)
+    return distillers.Teacher(to_device(model, config, device))
 
 
 def train_one_epoch(run: Run, epoch: int) -> float:
@@ -141,12 +102,13 @@ def train_one_epoch(run: Run, epoch: int) -> float:
             group["lr"] = learning_rate(m.config, epoch)
         # zeroed in place: a captured step adds to this very tensor
         m.sums = torch.zeros(4, device=run.device) if m.sums is None else m.sums.zero_()
-    step = StepPlan(run, members)
+    step = TrainStep(members, run.fused_groups(members), run.teacher, run.autocast)
+    shared = run.shared
     start = time.perf_counter()
     for images, labels in run.batches(epoch):
-        if run.configs[0].compile == "reduce-overhead":
+        if shared.compile == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are free
-        if run.configs[0].cuda_graphs and len(labels) == run.configs[0].batch_size:
+        if shared.cuda_graphs and len(labels) == shared.batch_size:
             run.captured_step(step, images, labels).replay(images, labels)
         else:
             step(images, labels)
@@ -155,17 +117,25 @@ def train_one_epoch(run: Run, epoch: int) -> float:
     return time.perf_counter() - start
 
 
-class StepPlan:
-    """One optimizer step of every active student on one batch, sharing one teacher pass: the
-    students of each fused sub-group at once (`tune_kd.fused`), the others one after another.
+class TrainStep:
+    """Trains every student of `members` one optimizer step on one batch, sharing one teacher
+    pass: the students of each of `fused_groups` at once (`tune_kd.fused`), the others one after
+    another.
 
     Made at the start of an epoch, when the fused groups load their students' state; `finish`
     writes it back at the end."""
 
-    def __init__(self, run: Run, members: list[Member]):
-        self.run = run
+    def __init__(
+        self,
+        members: list[Member],
+        fused_groups: list[fused.FusedGroup],
+        teacher: distillers.Teacher | None,
+        autocast: Callable[[], contextlib.AbstractContextManager],
+    ):
         self.members = members
-        self.fused = run.fused_groups(members)
+        self.fused = fused_groups
+        self.teacher = teacher
+        self.autocast = autocast
         in_fused = {id(m) for group in self.fused for m in group.members}
         self.sequential = [m for m in members if id(m) not in in_fused]
         self.stages = set().union(*(m.distiller.teacher_stages for m in members))
@@ -179,17 +149,16 @@ class StepPlan:
         return tuple((id(m), m.optimizer.param_groups[0]["lr"]) for m in self.members)
 
     def __call__(self, images: Tensor, labels: Tensor) -> None:
-        run = self.run
-        with run.autocast():
-            teacher_out = run.teacher(images, labels, self.stages) if self.needs_teacher else None
+        with self.autocast():
+            teacher_out = self.teacher(images, labels, self.stages) if self.needs_teacher else None
         for group in self.fused:
-            outputs = group.step(images, labels, teacher_out, run.autocast)
+            outputs = group.step(images, labels, teacher_out, self.autocast)
             for m, out in zip(group.members, outputs):
                 m.sums += _step_sums(out, labels)
         for m in self.sequential:
-            with run.autocast():
+            with self.autocast():
                 out = m.distiller.train_step(images, labels, teacher_out)
-            m.optimizer.zero_grad(set_to_none=True)
+            m.clear_grads()
             out.loss.backward()
             m.optimizer.step()
             m.sums += _step_sums(out, labels)
@@ -201,19 +170,21 @@ class StepPlan:
 
     def snapshot(self) -> list:
         """Copies of everything a step changes in place."""
-        return [_state_tensors(m) for m in self.sequential] + [g.snapshot() for g in self.fused]
+        return [snapshot(owner.step_state()) for owner in self._owners()]
 
     def restore(self, saved: list) -> None:
         """Put a `snapshot` back, with no gradients (backward then allocates them anew)."""
-        for m, before in zip(self.sequential, saved):
-            _restore(m, before)
-            m.optimizer.zero_grad(set_to_none=True)
-        for group, before in zip(self.fused, saved[len(self.sequential) :]):
-            group.restore(before)
+        for owner, before in zip(self._owners(), saved, strict=True):
+            restore(owner.step_state(), before)
+            owner.clear_grads()
+
+    def _owners(self) -> list[Member | fused.FusedGroup]:
+        """The holders of the state a step changes: each sequential student, each fused group."""
+        return [*self.sequential, *self.fused]
 
 
 class CapturedStep:
-    """A `StepPlan` recorded once as a CUDA graph and replayed on every full batch: one launch
+    """A `TrainStep` recorded once as a CUDA graph and replayed on every full batch: one launch
     instead of hundreds, where small CIFAR networks would otherwise wait on Python.
 
     Warm-up steps on the first batch create the optimizer state and let cuDNN pick its kernels;
@@ -221,7 +192,7 @@ class CapturedStep:
     goes exactly as the same steps without the graph.
     """
 
-    def __init__(self, step: StepPlan, images: Tensor, labels: Tensor):
+    def __init__(self, step: TrainStep, images: Tensor, labels: Tensor):
         self.key = step.key
         self.images, self.labels = images.clone(), labels.clone()
         saved = step.snapshot()
@@ -240,34 +211,6 @@ class CapturedStep:
         self.images.copy_(images)
         self.labels.copy_(labels)
         self.graph.replay()
-
-
-def _state_tensors(m: Member) -> dict[str, Tensor | None]:
-    """Copies of everything a training step changes in place, keyed by where it lives."""
-    saved: dict[str, Tensor | None] = {
-        f"model.{k}": v.detach().clone() for k, v in m.distiller.state_dict().items()
-    }
-    for i, p in enumerate(m.optimizer.param_groups[0]["params"]):
-        buffer = m.optimizer.state.get(p, {}).get("momentum_buffer")
-        saved[f"momentum.{i}"] = None if buffer is None else buffer.clone()
-    saved["sums"] = m.sums.clone()
-    return saved
-
-
-def _restore(m: Member, saved: dict[str, Tensor | None]) -> None:
-    """Put saved values back in place (a captured graph holds on to the tensors themselves).
-    A momentum buffer that did not exist is zeroed: SGD's first step gives the same result."""
-    with torch.no_grad():
-        for k, v in m.distiller.state_dict().items():
-            v.copy_(saved[f"model.{k}"])
-        for i, p in enumerate(m.optimizer.param_groups[0]["params"]):
-            buffer = m.optimizer.state.get(p, {}).get("momentum_buffer")
-            before = saved[f"momentum.{i}"]
-            if buffer is not None and before is not None:
-                buffer.copy_(before)
-            elif buffer is not None:
-                buffer.zero_()
-        m.sums.copy_(saved["sums"])
 
 
 def _step_sums(out: distillers.StepOutput, labels: Tensor) -> Tensor:
@@ -313,7 +256,8 @@ def _synchronize(device: torch.device) -> None:
 
 
 class Run:
-    """The state of one run: the data on the device, the teacher, and the group of students."""
+    """The state of one run: the data on the device, the teacher, the group of students, and the
+    fused groups and captured CUDA graph that its epochs' steps reuse."""
 
     def __init__(
         self,
@@ -326,33 +270,39 @@ class Run:
             resolve(c if isinstance(c, Config) else Config.from_dict(c)) for c in configs
         ]
         check_group(self.configs)
-        first = self.configs[0]
-        self.device = torch.device(first.device)
+        shared = self.shared
+        self.device = torch.device(shared.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        self.data = datasets.DeviceData(data if data is not None else load_data(first), self.device)
-        self.teacher = build_teacher(first, self.data.num_classes, self.device, teacher_state)
+        self.data = datasets.DeviceData(load_data(shared) if data is None else data, self.device)
+        self.teacher = build_teacher(shared, self.data.num_classes, self.device, teacher_state)
         self.members = [
             build_member(c, self.teacher, self.data.num_classes, self.device) for c in self.configs
         ]
-        if first.compile != "off":
+        if shared.compile != "off":
             for m in self.members:
-                m.distiller.student.compile(mode=first.compile)
+                m.distiller.student.compile(mode=shared.compile)
             if self.teacher is not None:
-                self.teacher.model.compile(mode=first.compile)
+                self.teacher.model.compile(mode=shared.compile)
         self.epoch = 0
         self._captured: CapturedStep | None = None
         self._fused: dict[tuple[int, ...], fused.FusedGroup] = {}
         self.teacher_test_acc = evaluate_teacher(self)
 
+    @property
+    def shared(self) -> Config:
+        """The group's shared settings: the first configuration, whose `config.SHARED_KEYS`
+        every student's configuration equals (`check_group`)."""
+        return self.configs[0]
+
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.configs[0].precision == "bf16":
+        if self.shared.precision == "bf16":
             # A captured graph must cast the weights on every replay: no cast cache.
-            cache = not self.configs[0].cuda_graphs
+            cache = not self.shared.cuda_graphs
             return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=cache)
         return contextlib.nullcontext()
 
-    def captured_step(self, step: StepPlan, images: Tensor, labels: Tensor) -> CapturedStep:
+    def captured_step(self, step: TrainStep, images: Tensor, labels: Tensor) -> CapturedStep:
         """The CUDA graph of `step`, captured again when the students or their lrs change."""
         if self._captured is None or self._captured.key != step.key:
             self._captured = None  # free the old graph's memory first
@@ -364,8 +314,9 @@ class Run:
         A group lives as long as its students train together: a student that stops is dropped
         from its fused model at the next epoch, when the others are stacked anew."""
         groups: dict[tuple[int, ...], fused.FusedGroup] = {}
-        if self.configs[0].fuse_students:
-            for part in fused.partition(members):
+        if self.shared.fuse_students:
+            for positions in fused.partition([m.config for m in members]):
+                part = [members[i] for i in positions]
                 key = tuple(id(m) for m in part)
                 if len(part) > 1:
                     groups[key] = self._fused.get(key) or fused.FusedGroup(part)
@@ -379,19 +330,19 @@ class Run:
 
     @property
     def done(self) -> bool:
-        return self.epoch >= self.configs[0].epochs or not self.active_members
+        return self.epoch >= self.shared.epochs or not self.active_members
 
     def batches(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-        first = self.configs[0]
-        for images, labels in self.data.train_batches(epoch, first.batch_size, first.seed):
+        shared = self.shared
+        for images, labels in self.data.train_batches(epoch, shared.batch_size, shared.seed):
             yield self._format(images), labels
 
     def eval_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
-        for images, labels in self.data.eval_batches(self.configs[0].eval_batch_size):
+        for images, labels in self.data.eval_batches(self.shared.eval_batch_size):
             yield self._format(images), labels
 
     def _format(self, images: Tensor) -> Tensor:
-        if self.configs[0].channels_last:
+        if self.shared.channels_last:
             return images.contiguous(memory_format=torch.channels_last)
         return images
 
