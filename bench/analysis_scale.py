@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from tune_kd import analysis
+from tune_kd.plan import PLAN_FILE
 
 LOSSES = ("l2", "kl")
 RATES = (0.001, 0.005, 0.01, 0.05, 0.1)
@@ -95,7 +96,7 @@ def build(root: Path, trials: int, epochs: int) -> None:
     rng = random.Random(0)
     experiment = plan(trials, epochs)
     root.mkdir(parents=True)
-    (root / analysis.PLAN_FILE).write_text(json.dumps(experiment))
+    (root / PLAN_FILE).write_text(json.dumps(experiment))
     for trial in experiment["trials"]:
         folder = root / f"trial_{trial['index']:04d}"
         folder.mkdir()

@@ -18,6 +18,7 @@ import pytest
 from nbclient import NotebookClient
 
 from tune_kd import analysis
+from tune_kd.plan import PLAN_FILE
 
 EPOCHS = 4
 GPU = 0.5
@@ -164,7 +165,7 @@ def write_plan(root: Path, trials: list[dict], groups: list[list[int]], **extra)
         **extra,
     }
     root.mkdir(parents=True, exist_ok=True)
-    (root / analysis.PLAN_FILE).write_text(json.dumps(plan, indent=1))
+    (root / PLAN_FILE).write_text(json.dumps(plan, indent=1))
 
 
 GRID = [(loss, lr, seed) for loss in ("l2", "kl") for lr in (0.01, 0.05) for seed in (0, 1, 2)]

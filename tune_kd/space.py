@@ -49,7 +49,6 @@ from tune_kd.config import (
     suggest,
 )
 from tune_kd.teachers import TeacherNeed
-from tune_kd.teachers import check_checkpoint as check_checkpoint  # tune_kd.train's import
 
 SCHEDULERS = ("fifo", "asha")
 SEARCH_ALGORITHMS = ("grid", "optuna")

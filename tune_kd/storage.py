@@ -8,10 +8,6 @@ from pathlib import Path
 
 import pyarrow.fs
 
-from tune_kd.plan import (
-    PLAN_FILE as PLAN_FILE,
-)  # tune_kd.analysis's import; defined in tune_kd.plan
-
 
 class Storage:
     """A results location: a local folder, or a URI pyarrow understands (s3://, gs://, ...)."""

@@ -548,9 +548,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
     values.update(parse_overrides(args.set))
     config = resolve(Config.from_dict(values))
     if config.method != "student" and config.teacher_checkpoint is not None:
-        from tune_kd import space
+        from tune_kd import teachers
 
-        space.check_checkpoint(
+        teachers.check_checkpoint(
             config.teacher_checkpoint, config.teacher, config, "teacher_checkpoint"
         )
     return config

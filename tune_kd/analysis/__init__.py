@@ -24,12 +24,11 @@ from tune_kd.analysis.plots import (
     plot_top5_vs_lr,
 )
 from tune_kd.analysis.published import most_specific, published_numbers
-from tune_kd.analysis.read import PLAN_FILE, last_failure, latest_per_epoch
+from tune_kd.analysis.read import last_failure, latest_per_epoch
 from tune_kd.analysis.report import RESULTS_FOLDER, SweepReport, main, write_files, write_report
 from tune_kd.analysis.tables import display_table, format_accuracy, format_summary, summary_markdown
 
 __all__ = [
-    "PLAN_FILE",
     "RESULTS_FOLDER",
     "TRIAL_RESULTS",
     "Experiment",

@@ -1,8 +1,8 @@
 """Reading a Tune experiment's files: the sweep's plan, Tune's runner state and its trial folders
 (`result.json`: one JSON line per epoch, `params.json`, `error.txt`).
 
-What the sweep writes and this module reads back: the plan file (`read_plan`), the names of the
-trial folders (`PLANNED_FOLDER`) and a group's per-student results (`member_metrics`)."""
+What the sweep writes and this module reads back, the plan file, the names of the trial folders
+and a group's per-student results, is defined once in `tune_kd.plan`."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.json as pajson
 
-from tune_kd.storage import PLAN_FILE, Storage
+from tune_kd import plan
+from tune_kd.storage import Storage
 
 # What Tune adds to each result line; `time_total_s` stays: the trial's wall time at that epoch.
 TUNE_KEYS = frozenset(
@@ -39,12 +40,9 @@ TUNE_KEYS = frozenset(
         "time_since_restore",
         "iterations_since_restore",
         "experiment_tag",
-        "members",
+        plan.MEMBERS,
     }
 )
-
-# A planned sweep's trial folder: `trial_0007` or `group_0007` holds position 7 of its groups.
-PLANNED_FOLDER = re.compile(r"(?:trial|group)_(\d+)")
 EMPTY = pa.table({})
 
 
@@ -66,19 +64,10 @@ class Folder:
 
 def read_plan(storage: Storage) -> dict[str, Any]:
     """The sweep's plan; ExperimentError when the folder or its plan is missing or unreadable."""
-    if not storage.exists():
-        raise ExperimentError(f"no experiment folder at {storage.uri}")
-    if not storage.exists(PLAN_FILE):
-        raise ExperimentError(
-            f"{storage.uri} has no {PLAN_FILE}: not an experiment of python -m tune_kd.run"
-        )
     try:
-        plan = json.loads(storage.read(PLAN_FILE))
-    except ValueError as error:
-        raise ExperimentError(f"{storage.uri_of(PLAN_FILE)} is unreadable: {error}") from None
-    if not isinstance(plan, dict):
-        raise ExperimentError(f"{storage.uri_of(PLAN_FILE)} is not a plan: expected a mapping")
-    return plan
+        return plan.read_plan(storage)
+    except plan.PlanError as error:
+        raise ExperimentError(str(error)) from None
 
 
 def list_entries(storage: Storage, *parts: str) -> dict[str, bool]:
@@ -99,7 +88,8 @@ def read_states(storage: Storage, files: Sequence[str], problems: list[str]) -> 
         states = {}
         for entry in json.loads(storage.read(latest))["trial_data"]:
             trial = json.loads(entry[0] if isinstance(entry, list) else entry)
-            states[trial.get("relative_logdir") or f"trial_{trial['trial_id']}"] = trial
+            name = trial.get("relative_logdir") or plan.sampled_folder_name(trial["trial_id"])
+            states[name] = trial
         return states
     except (ValueError, KeyError, TypeError, IndexError) as error:
         problems.append(f"{latest} is unreadable ({error!r}): statuses read from the folders")
@@ -109,7 +99,7 @@ def read_states(storage: Storage, files: Sequence[str], problems: list[str]) -> 
 def read_folders(storage: Storage, names: Sequence[str]) -> dict[str, Folder]:
     """Every trial folder, read in parallel: on object storage each read is a round trip, a local
     folder's reads are quick and parsing its result.json takes the time (one thread per core)."""
-    names = [n for n in names if n.startswith(("trial_", "group_"))]
+    names = [n for n in names if n.startswith(plan.FOLDER_PREFIXES)]
     workers = min(16, os.cpu_count() or 1) if storage.local else 16
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return {f.name: f for f in pool.map(lambda name: read_folder(storage, name), names)}
@@ -184,10 +174,10 @@ def parse_lines(data: bytes) -> tuple[list[dict[str, Any]], list[int]]:
 def member_metrics(results: pa.Table, trial_id: str) -> pa.Table:
     """One group student's metrics, from its group's lines (`members`, keyed by plan index), each
     with the group's wall time so far."""
-    key = str(int(trial_id.removeprefix("trial_")))
-    if "members" not in results.schema.names:
+    key = plan.member_key(int(trial_id.removeprefix(plan.TRIAL_PREFIX)))
+    if plan.MEMBERS not in results.schema.names:
         return EMPTY
-    members = results.column("members").combine_chunks()
+    members = results.column(plan.MEMBERS).combine_chunks()
     if members.type.get_field_index(key) < 0:
         return EMPTY
     member = members.flatten()[members.type.get_field_index(key)]

@@ -12,12 +12,12 @@ import pyarrow as pa
 
 from tune_kd.analysis.read import (
     EMPTY,
-    PLANNED_FOLDER,
     TUNE_KEYS,
     Folder,
     latest_per_epoch,
     member_metrics,
 )
+from tune_kd.plan import TRIAL_FOLDER, trial_folder_name
 
 # Keys of the published tables that a plan's labels may lack, each read from the trial's
 # configuration where the label it depends on is set (no projector: no design, and so on).
@@ -49,13 +49,15 @@ def planned_runs(
     """One run per planned trial; `trial_0007`/`group_0007` hold position 7 of the plan's groups."""
     runs = {
         t["index"]: TrialRun(
-            f"trial_{t['index']:04d}", trial_labels(t), t.get("config", {}).get("epochs")
+            trial_folder_name(t["index"], grouped=False),
+            trial_labels(t),
+            t.get("config", {}).get("epochs"),
         )
         for t in plan["trials"]
     }
     groups = plan.get("groups") or [[index] for index in runs]
     for name in sorted({*folders, *states}):
-        match = PLANNED_FOLDER.fullmatch(name)
+        match = TRIAL_FOLDER.fullmatch(name)
         if match is None or int(match[1]) >= len(groups):
             problems.append(f"{name} matches no planned trial: ignored")
             continue
