@@ -95,6 +95,22 @@ def test_the_report_notebook_runs_against_the_quickstart(quick, monkeypatch):
     assert any("image/png" in o.get("data", {}) for o in outputs)
 
 
+def test_the_report_notebook_reads_a_path_relative_to_the_project(
+    pending_experiment, tmp_path, monkeypatch
+):
+    """As `jupyter nbconvert --execute analysis/sweep_report.ipynb` runs it from the project's
+    folder: the kernel in analysis/, the experiment's path given relative to the project."""
+    experiment = pending_experiment(tmp_path / "pending", trials=2)
+    notebook = nbformat.read(ROOT / "analysis" / "sweep_report.ipynb", as_version=4)
+    monkeypatch.setenv("TUNE_KD_EXPERIMENT", os.path.relpath(experiment, ROOT))
+    in_analysis = {"metadata": {"path": str(ROOT / "analysis")}}
+    NotebookClient(notebook, timeout=300, kernel_name="python3", resources=in_analysis).execute()
+    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "trials: 2 planned: " in text and " 2 pending" in text
+
+
 def test_the_teacher_is_cached_in_the_fields_format(quick):
     storage, _ = quick
     [checkpoint] = (storage / "teachers").glob("resnet14_vanilla-*/ckpt_epoch_1.pth")
