@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -26,7 +27,8 @@ SECONDS_PER_EPOCH = 900.0  # a lone trial: 4 epochs = 1 h = 0.5 GPU-hours
 GROUP_SECONDS_PER_EPOCH = 1200.0  # the group: 4 epochs = 4800 s = 2/3 GPU-hours for two students
 TEACHER = "resnet32x4"
 STUDENT = "MobileNetV2_1_0"
-NOTEBOOK = Path(__file__).parents[1] / "analysis" / "sweep_report.ipynb"
+ROOT = Path(__file__).parents[1]
+NOTEBOOK = ROOT / "analysis" / "sweep_report.ipynb"
 
 # ----------------------------------------------------------------------------- building folders
 
@@ -621,11 +623,14 @@ def test_the_analysis_imports_without_torch():
 
 
 def test_notebook_runs_against_an_experiment(experiment_dir, monkeypatch):
-    """The suite's one run of the report notebook (a cell that raises fails `execute`)."""
+    """The suite's one run of the report notebook (a cell that raises fails `execute`), as
+    `jupyter nbconvert --execute analysis/sweep_report.ipynb` runs it from the project's folder:
+    the kernel in analysis/, the experiment's path given relative to the project."""
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     assert all(not c.get("outputs") for c in notebook.cells if c.cell_type == "code")
-    monkeypatch.setenv("TUNE_KD_EXPERIMENT", str(experiment_dir))
-    NotebookClient(notebook, timeout=120, kernel_name="python3").execute()
+    monkeypatch.setenv("TUNE_KD_EXPERIMENT", os.path.relpath(experiment_dir, ROOT))
+    in_analysis = {"metadata": {"path": str(NOTEBOOK.parent)}}
+    NotebookClient(notebook, timeout=120, kernel_name="python3", resources=in_analysis).execute()
     outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
     text = "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in outputs)
     assert "75.00 ± 1.41 ★" in text

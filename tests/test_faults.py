@@ -36,6 +36,7 @@ ROOT = Path(__file__).parents[1]
 SPACE = ROOT / "search_spaces" / "quickstart.yaml"
 MAX_FAILURES = 1
 FIRST_TWO = ("trial_0000", "trial_0001")
+LOOPBACK = "127.0.0.1"  # every node of a test's cluster listens there only
 
 
 @pytest.fixture
@@ -318,11 +319,14 @@ def cluster(ray_tmp, monkeypatch, inject_faults) -> Iterator[Any]:
     for key, value in env.items():  # for the nodes' processes
         if os.environ.get(key) != value:
             monkeypatch.setenv(key, value)  # RAY_TMPDIR: its address file too stays private
+    # The sweeps' `--address 127.0.0.1:PORT` stays on 127.0.0.1 only where Ray runs on one
+    # machine (as on macOS): elsewhere Ray replaces it with the machine's network address.
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     cluster = Cluster(shutdown_at_exit=False)
     try:
-        cluster.add_node(num_cpus=0)
+        cluster.add_node(num_cpus=0, node_ip_address=LOOPBACK)
         for _ in range(2):
-            cluster.add_node(num_cpus=1)
+            cluster.add_node(num_cpus=1, node_ip_address=LOOPBACK)
         cluster.wait_for_nodes()
         yield cluster
     finally:
@@ -365,7 +369,7 @@ def strike_a_node(cluster: Any, ray_tmp: Path, args: list[str], name: str, folde
         )
         pid = result_lines(staged(ray_tmp, name, folder))[0]["pid"]
         cluster.remove_node(node_of(cluster, pid), allow_graceful=False)
-        cluster.add_node(num_cpus=1)
+        cluster.add_node(num_cpus=1, node_ip_address=LOOPBACK)
     except BaseException:
         stop_session(process)
         raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -31,17 +32,41 @@ DEFAULT_STORAGE = "results"
 # ----------------------------------------------------------------------------- Ray
 
 
+LOOPBACK = "127.0.0.1"
+
+
 def start_ray(address: str | None) -> bool:
-    """Connect to `address` or start a local Ray; True when this process started it."""
+    """Connect to the Ray cluster at `address` ("auto": the one of this node, or RAY_ADDRESS's),
+    or without one start a Ray of this process's own on 127.0.0.1; True when it started one."""
     import ray
 
-    context = ray.init(
-        address=address, log_to_driver=False, configure_logging=True, logging_level="ERROR"
-    )
+    quiet = {"log_to_driver": False, "configure_logging": True, "logging_level": "ERROR"}
+    context = start_local_ray(**quiet) if address is None else ray.init(address=address, **quiet)
     url = getattr(context, "dashboard_url", None)
     if url:
         print(f"Ray dashboard: http://{url} (token: ray get-auth-token)")
     return address is None
+
+
+def start_local_ray(**options: Any) -> Any:
+    """`ray.init` of a new Ray on this machine, never one that RAY_ADDRESS or Ray's address file
+    (left by any `ray start`, stale or someone else's) points at, with every server (GCS, raylet
+    and object manager, workers, dashboard and its agents, metrics) on 127.0.0.1 only."""
+    import ray
+    from ray._private import ray_constants
+
+    if os.environ.get("RAY_ADDRESS"):
+        print("RAY_ADDRESS is set but a sweep joins a cluster only with --address auto")
+    # Ray's servers bind 127.0.0.1 alone when it is the node's address, but Ray replaces that
+    # address with the machine's network one unless multi-node clusters are off (as on macOS).
+    clusters = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        return ray.init(
+            address="local", _node_ip_address=LOOPBACK, dashboard_host=LOOPBACK, **options
+        )
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = clusters
 
 
 def effective_resources(requested: spaces.Resources, local: bool) -> spaces.Resources:
