@@ -5,19 +5,26 @@
 reads a Tune experiment (finished, still running or interrupted; a local folder or a storage URI)
 and writes into EXPERIMENT_DIR/results/: `trials.parquet` (one row per planned trial),
 `epochs.parquet` (one row per trial and epoch), `summary.md`/`.csv`/`.tex` (one row per grid
-cell) and the plots as PNG and SVG. The sweep calls `write_report` when it ends.
+cell) and the plots as PNG and SVG. The sweep calls `write_report` when it ends. Another analysis
+of the same experiment parses only the `result.json` files that changed since (see `parsed`) and
+draws the plots again only when what they are drawn from changed.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import matplotlib
 import pandas as pd
 
 from tune_kd import cli
+from tune_kd.analysis import cells, plots, published, tables
 from tune_kd.analysis.cells import METRIC_COLUMNS, summarize
 from tune_kd.analysis.frames import Experiment, load_experiment
 from tune_kd.analysis.plots import figure_bytes, figures
@@ -46,16 +53,17 @@ class SweepReport:
 def write_report(location: str, out: str | None = None, metric: str = "best") -> SweepReport:
     """Read the experiment at `location` and write every table and plot into `out` (default
     `location/results`): the sweep calls this at its end."""
-    experiment = load_experiment(location)
-    summary = summarize(experiment.trials, metric)
     target = out if out is not None else Storage(str(location)).uri_of(RESULTS_FOLDER)
+    experiment = load_experiment(location, cache=target)
+    summary = summarize(experiment.trials, metric)
     files = write_files(experiment, summary, metric, target)
     return SweepReport(experiment, summary, metric, files)
 
 
 def write_files(experiment: Experiment, summary: pd.DataFrame, metric: str, out: str) -> list[str]:
     """Both frames as parquet, the summary as markdown, CSV and LaTeX, every plot as PNG and SVG;
-    returns where each file went."""
+    returns where each file went. The plots are drawn again only where what they are drawn from
+    changed since they were written (see `figures_key`)."""
     target = Storage(str(out))
     unwritable = target.unwritable()
     if unwritable:
@@ -69,12 +77,53 @@ def write_files(experiment: Experiment, summary: pd.DataFrame, metric: str, out:
         "summary.csv": summary.to_csv(index=False),
         "summary.tex": summary_tex(summary, metric),
     }
-    for name, fig in figures(experiment, metric).items():
-        contents[f"{name}.png"] = figure_bytes(fig, "png")
-        contents[f"{name}.svg"] = figure_bytes(fig, "svg")
+    key = figures_key(contents["trials.parquet"], contents["epochs.parquet"], metric)
+    images = images_drawn(target, key)
+    drawn = {}
+    if images is None:
+        for name, fig in figures(experiment, metric).items():
+            drawn[f"{name}.png"] = figure_bytes(fig, "png")
+            drawn[f"{name}.svg"] = figure_bytes(fig, "svg")
+        images = list(drawn)
     for name, content in contents.items():  # each file whole: an interruption keeps the old one
         target.write(content.encode() if isinstance(content, str) else content, name)
-    return [target.uri_of(name) for name in contents]
+    if drawn:
+        target.write(b"", FIGURES_KEY)  # until every image is replaced, none is known to be new
+        for name, content in drawn.items():
+            target.write(content, name)
+        target.write("\n".join([key, *images]).encode(), FIGURES_KEY)
+    return [target.uri_of(name) for name in [*contents, *images]]
+
+
+FIGURES_KEY = ".figures.sha256"  # the key of the plots' images, then their file names
+FIGURE_SOURCES = (cells, plots, published, tables)
+IMAGE_NAME = re.compile(r"\w+\.(png|svg)")
+
+
+def figures_key(trials: bytes, epochs: bytes, metric: str) -> str:
+    """What the plots are drawn from: both frames (as parquet), the metric, matplotlib's version
+    and settings, and the code of the modules that draw them."""
+    digest = hashlib.sha256()
+    for part in (trials, epochs, metric.encode(), matplotlib.__version__.encode()):
+        digest.update(hashlib.sha256(part).digest())
+    digest.update(repr(sorted(matplotlib.rcParams.items())).encode())
+    for module in FIGURE_SOURCES:
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()
+
+
+def images_drawn(target: Storage, key: str) -> list[str] | None:
+    """The plots' image files in `target` when they were drawn from what `key` stands for and
+    are all there; None when they are to be drawn."""
+    try:
+        if not target.exists(FIGURES_KEY):
+            return None
+        written, *images = target.read(FIGURES_KEY).decode().split("\n")
+    except (OSError, UnicodeDecodeError):
+        return None
+    if written != key or not all(IMAGE_NAME.fullmatch(name) for name in images):
+        return None
+    return images if all(target.exists(name) for name in images) else None
 
 
 def parquet_bytes(frame: pd.DataFrame) -> bytes:
