@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import re
+import json
+import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from tune_kd import cli
 from tune_kd.analysis import cells, plots, published, tables
 from tune_kd.analysis.cells import METRIC_COLUMNS, summarize
 from tune_kd.analysis.frames import Experiment, load_experiment
-from tune_kd.analysis.plots import figure_bytes, figures
+from tune_kd.analysis.plots import drawings, figure_bytes
 from tune_kd.analysis.read import ExperimentError
 from tune_kd.analysis.tables import failures, format_summary, summary_markdown, summary_tex
 from tune_kd.storage import Storage
@@ -63,7 +64,7 @@ def write_report(location: str, out: str | None = None, metric: str = "best") ->
 def write_files(experiment: Experiment, summary: pd.DataFrame, metric: str, out: str) -> list[str]:
     """Both frames as parquet, the summary as markdown, CSV and LaTeX, every plot as PNG and SVG;
     returns where each file went. The plots are drawn again only where what they are drawn from
-    changed since they were written (see `figures_key`)."""
+    changed since they were written (see `figure_key`)."""
     target = Storage(str(out))
     unwritable = target.unwritable()
     if unwritable:
@@ -77,53 +78,58 @@ def write_files(experiment: Experiment, summary: pd.DataFrame, metric: str, out:
         "summary.csv": summary.to_csv(index=False),
         "summary.tex": summary_tex(summary, metric),
     }
-    key = figures_key(contents["trials.parquet"], contents["epochs.parquet"], metric)
-    images = images_drawn(target, key)
-    drawn = {}
-    if images is None:
-        for name, fig in figures(experiment, metric).items():
-            drawn[f"{name}.png"] = figure_bytes(fig, "png")
-            drawn[f"{name}.svg"] = figure_bytes(fig, "svg")
-        images = list(drawn)
+    kept = figure_keys(target)
+    images, drawn, keys = [], {}, {}
+    for name, (draw, data) in drawings(experiment, metric).items():
+        keys[name] = figure_key(data)
+        files = [f"{name}.png", f"{name}.svg"]
+        if kept.get(name) == keys[name] and all(target.exists(file) for file in files):
+            images += files
+            continue
+        fig = draw(*data)
+        if fig is not None:
+            drawn.update({file: figure_bytes(fig, file[-3:]) for file in files})
+            images += files
     for name, content in contents.items():  # each file whole: an interruption keeps the old one
         target.write(content.encode() if isinstance(content, str) else content, name)
-    if drawn:
-        target.write(b"", FIGURES_KEY)  # until every image is replaced, none is known to be new
+    if drawn:  # until its images are replaced, a figure's earlier key is no more
+        unchanged = {
+            n: k for n, k in kept.items() if f"{n}.png" in images and f"{n}.png" not in drawn
+        }
+        target.write(json.dumps(unchanged).encode(), FIGURE_KEYS)
         for name, content in drawn.items():
             target.write(content, name)
-        target.write("\n".join([key, *images]).encode(), FIGURES_KEY)
+        shown = {n: k for n, k in keys.items() if f"{n}.png" in images}
+        target.write(json.dumps(shown).encode(), FIGURE_KEYS)
     return [target.uri_of(name) for name in [*contents, *images]]
 
 
-FIGURES_KEY = ".figures.sha256"  # the key of the plots' images, then their file names
+FIGURE_KEYS = ".figures.json"  # the key of each plot whose images are written, by name
 FIGURE_SOURCES = (cells, plots, published, tables)
-IMAGE_NAME = re.compile(r"\w+\.(png|svg)")
 
 
-def figures_key(trials: bytes, epochs: bytes, metric: str) -> str:
-    """What the plots are drawn from: both frames (as parquet), the metric, matplotlib's version
-    and settings, and the code of the modules that draw them."""
-    digest = hashlib.sha256()
-    for part in (trials, epochs, metric.encode(), matplotlib.__version__.encode()):
-        digest.update(hashlib.sha256(part).digest())
+def figure_key(data: tuple) -> str:
+    """What a plot is drawn from: its data (as pickled: pickling, never unpickling), matplotlib's
+    version and settings, and the code of the modules that draw it."""
+    digest = hashlib.sha256(pickle.dumps(data, protocol=5))
+    digest.update(matplotlib.__version__.encode())
     digest.update(repr(sorted(matplotlib.rcParams.items())).encode())
     for module in FIGURE_SOURCES:
         digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()
 
 
-def images_drawn(target: Storage, key: str) -> list[str] | None:
-    """The plots' image files in `target` when they were drawn from what `key` stands for and
-    are all there; None when they are to be drawn."""
+def figure_keys(target: Storage) -> dict[str, str]:
+    """The key of each plot whose images `target` holds, by name; none when unknown."""
     try:
-        if not target.exists(FIGURES_KEY):
-            return None
-        written, *images = target.read(FIGURES_KEY).decode().split("\n")
-    except (OSError, UnicodeDecodeError):
-        return None
-    if written != key or not all(IMAGE_NAME.fullmatch(name) for name in images):
-        return None
-    return images if all(target.exists(name) for name in images) else None
+        if not target.exists(FIGURE_KEYS):
+            return {}
+        keys = json.loads(target.read(FIGURE_KEYS))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(keys, dict) or not all(isinstance(k, str) for k in keys.values()):
+        return {}
+    return keys
 
 
 def parquet_bytes(frame: pd.DataFrame) -> bytes:
