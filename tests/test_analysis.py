@@ -19,6 +19,8 @@ import pytest
 from nbclient import NotebookClient
 
 from tune_kd import analysis
+from tune_kd.analysis import read as read_module
+from tune_kd.analysis import report as report_module
 from tune_kd.plan import PLAN_FILE
 
 EPOCHS = 4
@@ -637,3 +639,77 @@ def test_notebook_runs_against_an_experiment(experiment_dir, monkeypatch):
     assert "trials: 12 planned: 8 completed, 1 diverged, 1 error, 1 running, 1 pending" in text
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) == len(analysis.figures(analysis.load_experiment(str(experiment_dir))))
+
+
+# ----------------------------------------------------------------------------- a repeated analysis
+
+
+def assert_same_experiment(got: analysis.Experiment, expected: analysis.Experiment) -> None:
+    pd.testing.assert_frame_equal(got.trials, expected.trials, check_exact=True)
+    pd.testing.assert_frame_equal(got.epochs, expected.epochs, check_exact=True)
+    assert got.problems == expected.problems
+
+
+def test_a_repeated_analysis_parses_only_the_result_files_that_changed(
+    experiment_dir, tmp_path, monkeypatch
+):
+    root = shutil.copytree(
+        experiment_dir, tmp_path / "copy", ignore=shutil.ignore_patterns("results")
+    )
+    cache = str(tmp_path / "results")
+    first = analysis.load_experiment(str(root), cache)
+    assert_same_experiment(first, analysis.load_experiment(str(root)))
+
+    parsed = []
+    parse = read_module.parse_results
+    monkeypatch.setattr(
+        read_module, "parse_results", lambda data: parsed.append(data) or parse(data)
+    )
+    assert_same_experiment(analysis.load_experiment(str(root), cache), first)
+    assert parsed == []  # every parse kept, and the corrupt line still reported
+
+    result = root / "group_0000" / "result.json"  # a lone trial's
+    line = json.loads(result.read_text().splitlines()[-1])
+    with result.open("a") as file:
+        file.write(json.dumps({**line, "epoch": EPOCHS + 1}) + "\n")
+    grown = analysis.load_experiment(str(root), cache)
+    assert parsed == [result.read_bytes()]
+    assert_same_experiment(grown, analysis.load_experiment(str(root)))
+    assert len(grown.epochs) == len(first.epochs) + 1
+
+
+def test_an_unreadable_store_of_parses_means_parsing_again(experiment_dir, tmp_path):
+    cache = tmp_path / "results"
+    cache.mkdir()
+    (cache / ".parsed_results.arrow").write_bytes(b"ARROW1 not really")
+    experiment = analysis.load_experiment(str(experiment_dir), str(cache))
+    assert_same_experiment(experiment, analysis.load_experiment(str(experiment_dir)))
+
+
+def test_plots_are_drawn_again_only_when_what_they_show_changed(
+    experiment_dir, tmp_path, monkeypatch
+):
+    root = shutil.copytree(
+        experiment_dir, tmp_path / "copy", ignore=shutil.ignore_patterns("results")
+    )
+    drawn = []
+    draw = report_module.figure_bytes
+    monkeypatch.setattr(
+        report_module, "figure_bytes", lambda fig, kind: drawn.append(kind) or draw(fig, kind)
+    )
+    first = analysis.write_report(str(root)).files
+    images = {p.name: p.read_bytes() for p in (root / "results").glob("*.png")}
+    assert len(drawn) == 10
+
+    drawn.clear()
+    assert analysis.write_report(str(root)).files == first
+    assert drawn == []
+    assert {p.name: p.read_bytes() for p in (root / "results").glob("*.png")} == images
+
+    assert analysis.write_report(str(root), metric="last").files == first
+    assert len(drawn) == 4  # another metric: accuracy against lr and against GPU-hours
+    (root / "results" / "test_acc_curves.svg").unlink()
+    drawn.clear()
+    analysis.write_report(str(root), metric="last")
+    assert drawn == ["png", "svg"]  # an image missing: its plot drawn again
+    assert (root / "results" / "test_acc_curves.svg").exists()

@@ -5,6 +5,7 @@
 
 - `read`: the sweep's plan (`tune_kd_plan.json`: every planned trial and its labels), Tune's runner
   state and trial folders (`result.json`: one JSON line per epoch);
+- `parsed`: each result.json's parse, kept beside the results for the next analysis;
 - `runs`: which planned trial each folder holds;
 - `frames`: `load_experiment` -> `trials_frame` (one row per planned trial, with its status) and
   `epochs_frame` (one row per trial and epoch);

@@ -21,7 +21,15 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from tune_kd.analysis.read import EMPTY, list_entries, read_folders, read_plan, read_states
+from tune_kd.analysis.parsed import read_parsed, write_parsed
+from tune_kd.analysis.read import (
+    EMPTY,
+    is_folder,
+    list_entries,
+    read_folders,
+    read_plan,
+    read_states,
+)
 from tune_kd.analysis.runs import TrialRun, planned_runs, sampled_runs
 from tune_kd.storage import Storage
 
@@ -60,15 +68,22 @@ class Experiment:
         return str(self.plan.get("name") or self.location.rsplit("/", 1)[-1])
 
 
-def load_experiment(location: str) -> Experiment:
+def load_experiment(location: str, cache: str | None = None) -> Experiment:
     """Read a Tune experiment folder with its plan; a missing or planless folder raises
-    ExperimentError. Unreadable files are listed in `problems` (and logged), never fatal."""
+    ExperimentError. Unreadable files are listed in `problems` (and logged), never fatal.
+    With a `cache` folder (the results folder), each result.json parsed is kept there, and one
+    unchanged since the last analysis that kept it there is not parsed again (see `parsed`)."""
     storage = Storage(str(location))
     plan = read_plan(storage)
     problems: list[str] = []
     entries = list_entries(storage)
-    states = read_states(storage, [n for n, is_dir in entries.items() if not is_dir], problems)
-    folders = read_folders(storage, [n for n, is_dir in entries.items() if is_dir])
+    files = [name for name, info in entries.items() if not is_folder(info)]
+    states = read_states(storage, files, problems)
+    kept = Storage(str(cache)) if cache is not None else None
+    earlier = read_parsed(kept) if kept is not None else {}
+    folders = read_folders(storage, [n for n, info in entries.items() if is_folder(info)], earlier)
+    if kept is not None:
+        write_parsed(kept, folders.values(), earlier)
     for folder in folders.values():
         problems += folder.problems
     if plan.get("trials"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -44,7 +44,11 @@ def plot_accuracy_vs_lr(
 ) -> Figure | None:
     """Accuracy against learning rate per cell (mean ± std), one line per other distinguishing
     key, the teacher and the paper's SimKD as horizontal lines; None without an lr axis."""
-    cells = summarize(trials, metric, published)
+    return accuracy_vs_lr_figure(summarize(trials, metric, published), metric)
+
+
+def accuracy_vs_lr_figure(cells: pd.DataFrame, metric: str) -> Figure | None:
+    """`plot_accuracy_vs_lr` of its cells (`summarize`)."""
     title = f"Student {METRIC_NAMES[metric].removesuffix(' (%)')} against learning rate"
     fig = lr_figure(cells, METRIC_NAMES[metric], title)
     if fig is not None:
@@ -55,7 +59,11 @@ def plot_accuracy_vs_lr(
 
 def plot_top5_vs_lr(trials: pd.DataFrame) -> Figure | None:
     """Final-epoch top-5 accuracy against learning rate per cell; None without an lr axis."""
-    cells = cell_stats(trials, "final_test_acc_top5")
+    return top5_vs_lr_figure(cell_stats(trials, "final_test_acc_top5"))
+
+
+def top5_vs_lr_figure(cells: pd.DataFrame) -> Figure | None:
+    """`plot_top5_vs_lr` of its cells (`cell_stats` of the final top-5 accuracy)."""
     fig = lr_figure(
         cells, METRIC_NAMES["top5"], "Student top-5 test accuracy against learning rate"
     )
@@ -107,14 +115,19 @@ CURVE_LABELS = {
 }
 
 
+Line = tuple[str, pd.DataFrame]  # a curve's label, and its mean and std per epoch
+
+
 def plot_curves(
     epochs: pd.DataFrame, trials: pd.DataFrame, column: str = "test_acc"
 ) -> Figure | None:
     """`column` per epoch, mean line with a ± std band over the completed and running trials of a
     cell: one line per learning rate, one panel per other distinguishing key; None without data."""
-    if column not in epochs:
-        return None
-    panels = curve_panels(epochs, trials, column)
+    return curves_figure(curve_panels(epochs, trials, column), column)
+
+
+def curves_figure(panels: list[tuple[str, list[Line]]], column: str) -> Figure | None:
+    """`plot_curves` of its panels (`curve_panels`); None without any."""
     if not panels:
         return None
     columns = min(3, len(panels))
@@ -131,14 +144,14 @@ def plot_curves(
     return fig
 
 
-Line = tuple[str, pd.DataFrame]  # a curve's label, and its mean and std per epoch
-
-
 def curve_panels(
     epochs: pd.DataFrame, trials: pd.DataFrame, column: str
 ) -> list[tuple[str, list[Line]]]:
     """The panels of `plot_curves`, named, each with one line per learning rate: the mean and
-    std of `column` per epoch over the rows of the line's completed and running trials."""
+    std of `column` per epoch over the rows of the line's completed and running trials; none
+    without such rows."""
+    if column not in epochs:
+        return []
     keys = cell_keys(trials)
     ran = trials.loc[trials["status"].isin(["completed", "running"]), ["trial_id", *keys]]
     ran = ran.reset_index(drop=True)
@@ -194,7 +207,11 @@ def curve_panel(ax: Axes, lines: Sequence[Line], name: str) -> None:
 def plot_accuracy_vs_gpu_hours(trials: pd.DataFrame, metric: str = "best") -> Figure | None:
     """Each cell's accuracy (mean ± std) against its mean GPU-hours per trial: what a variant
     costs. None when no trial used a GPU."""
-    cells = cell_stats(trials, METRIC_COLUMNS[metric])
+    return accuracy_vs_gpu_hours_figure(cell_stats(trials, METRIC_COLUMNS[metric]), metric)
+
+
+def accuracy_vs_gpu_hours_figure(cells: pd.DataFrame, metric: str) -> Figure | None:
+    """`plot_accuracy_vs_gpu_hours` of its cells (`cell_stats` of the metric's column)."""
     cells = cells[(cells["n"] > 0) & (cells["gpu_hours"] > 0)]
     if cells.empty:
         return None
@@ -227,15 +244,29 @@ def plot_accuracy_vs_gpu_hours(trials: pd.DataFrame, metric: str = "best") -> Fi
     return fig
 
 
+Drawing = tuple[Callable[..., Figure | None], tuple]  # a figure's function, and its arguments
+
+
+def drawings(experiment: Experiment, metric: str = "best") -> dict[str, Drawing]:
+    """Every plot as the function that draws it and what it is drawn from, by file name: the
+    figure is `function(*arguments)`, None where its data is lacking."""
+    trials, epochs = experiment.trials, experiment.epochs
+    metric_cells = cell_stats(trials, METRIC_COLUMNS[metric])
+    return {
+        "accuracy_vs_lr": (accuracy_vs_lr_figure, (summarize(trials, metric), metric)),
+        "test_acc_curves": (curves_figure, (curve_panels(epochs, trials, "test_acc"), "test_acc")),
+        "test_loss_curves": (
+            curves_figure,
+            (curve_panels(epochs, trials, "test_loss"), "test_loss"),
+        ),
+        "top5_vs_lr": (top5_vs_lr_figure, (cell_stats(trials, "final_test_acc_top5"),)),
+        "accuracy_vs_gpu_hours": (accuracy_vs_gpu_hours_figure, (metric_cells, metric)),
+    }
+
+
 def figures(experiment: Experiment, metric: str = "best") -> dict[str, Figure]:
     """Every plot the experiment has data for, by file name."""
-    made = {
-        "accuracy_vs_lr": plot_accuracy_vs_lr(experiment.trials, metric),
-        "test_acc_curves": plot_curves(experiment.epochs, experiment.trials, "test_acc"),
-        "test_loss_curves": plot_curves(experiment.epochs, experiment.trials, "test_loss"),
-        "top5_vs_lr": plot_top5_vs_lr(experiment.trials),
-        "accuracy_vs_gpu_hours": plot_accuracy_vs_gpu_hours(experiment.trials, metric),
-    }
+    made = {name: draw(*data) for name, (draw, data) in drawings(experiment, metric).items()}
     return {name: fig for name, fig in made.items() if fig is not None}
 
 

@@ -10,7 +10,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.json as pajson
+from pyarrow.fs import FileInfo, FileSelector, FileType
 
 from tune_kd import plan
 from tune_kd.storage import Storage
@@ -51,15 +52,28 @@ class ExperimentError(ValueError):
 
 
 @dataclass
+class Parsed:
+    """A trial's result.json as read: its size and modification time then, its readable lines
+    as a table (Tune's keys left out, `members` and `time_total_s` kept) and the numbers of its
+    unreadable lines."""
+
+    size: int
+    mtime_ns: int | None  # None where the storage does not say
+    results: pa.Table
+    bad: list[int]
+
+
+@dataclass
 class Folder:
     """A Tune trial folder: its file names, readable result lines and parameters."""
 
     name: str
     files: set[str]
-    results: pa.Table
+    results: pa.Table  # as in Parsed
     params: dict[str, Any]
     problems: list[str]
     error: str | None = None  # the last failure's message in error.txt
+    parsed: Parsed | None = None  # its result.json, when it has one
 
 
 def read_plan(storage: Storage) -> dict[str, Any]:
@@ -70,12 +84,14 @@ def read_plan(storage: Storage) -> dict[str, Any]:
         raise ExperimentError(str(error)) from None
 
 
-def list_entries(storage: Storage, *parts: str) -> dict[str, bool]:
-    """Names in a folder, each with whether it is a folder."""
-    from pyarrow.fs import FileSelector, FileType
-
+def list_entries(storage: Storage, *parts: str) -> dict[str, FileInfo]:
+    """What a folder holds, by name."""
     infos = storage.fs.get_file_info(FileSelector(storage.path(*parts), allow_not_found=True))
-    return {i.base_name: i.type == FileType.Directory for i in infos}
+    return {i.base_name: i for i in infos}
+
+
+def is_folder(info: FileInfo) -> bool:
+    return info.type == FileType.Directory
 
 
 def read_states(storage: Storage, files: Sequence[str], problems: list[str]) -> dict[str, dict]:
@@ -96,23 +112,33 @@ def read_states(storage: Storage, files: Sequence[str], problems: list[str]) -> 
         return {}
 
 
-def read_folders(storage: Storage, names: Sequence[str]) -> dict[str, Folder]:
+def read_folders(
+    storage: Storage, names: Sequence[str], earlier: Mapping[str, Parsed]
+) -> dict[str, Folder]:
     """Every trial folder, read in parallel: on object storage each read is a round trip, a local
-    folder's reads are quick and parsing its result.json takes the time (one thread per core)."""
+    folder's reads are quick and parsing its result.json takes the time (one thread per core).
+    A result.json of the size and modification time of its `earlier` parse is not parsed again."""
     names = [n for n in names if n.startswith(plan.FOLDER_PREFIXES)]
     workers = min(16, os.cpu_count() or 1) if storage.local else 16
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return {f.name: f for f in pool.map(lambda name: read_folder(storage, name), names)}
+        read = pool.map(lambda name: read_folder(storage, name, earlier.get(name)), names)
+        return {f.name: f for f in read}
 
 
-def read_folder(storage: Storage, name: str) -> Folder:
-    """One trial folder; an unreadable file is a problem, never an exception."""
-    files = {n for n, is_dir in list_entries(storage, name).items() if not is_dir}
-    results, problems = EMPTY, []
+def read_folder(storage: Storage, name: str, earlier: Parsed | None = None) -> Folder:
+    """One trial folder; an unreadable file is a problem, never an exception. Its result.json is
+    `earlier`'s table where its size and modification time are `earlier`'s."""
+    entries = list_entries(storage, name)
+    files = {n for n, info in entries.items() if not is_folder(info)}
+    results, problems, parsed = EMPTY, [], None
     if "result.json" in files:
-        results, bad = parse_results(storage.read(name, "result.json"))
-        if bad:
-            numbers = ", ".join(map(str, bad))
+        info = entries["result.json"]
+        parsed = earlier
+        if parsed is None or (parsed.size, parsed.mtime_ns) != (info.size, info.mtime_ns):
+            parsed = parse_file(storage, name, info)
+        results = parsed.results
+        if parsed.bad:
+            numbers = ", ".join(map(str, parsed.bad))
             problems.append(
                 f"{name}/result.json: unreadable line {numbers} skipped (cut mid-write?)"
             )
@@ -125,7 +151,15 @@ def read_folder(storage: Storage, name: str) -> Folder:
     error = None
     if "error.txt" in files:
         error = last_failure(storage.read(name, "error.txt").decode(errors="replace"))
-    return Folder(name, files, results, params, problems, error)
+    return Folder(name, files, results, params, problems, error, parsed)
+
+
+def parse_file(storage: Storage, name: str, info: FileInfo) -> Parsed:
+    """A trial's result.json parsed, with the size and modification time listed in `info` (a
+    file that grows while it is read is parsed again next time)."""
+    results, bad = parse_results(storage.read(name, "result.json"))
+    dropped = (TUNE_KEYS - {plan.MEMBERS}) & set(results.schema.names)
+    return Parsed(info.size, info.mtime_ns, results.drop_columns(list(dropped)), bad)
 
 
 EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(?:\([\w.]+\))?: \S.*")

@@ -5,22 +5,30 @@
 reads a Tune experiment (finished, still running or interrupted; a local folder or a storage URI)
 and writes into EXPERIMENT_DIR/results/: `trials.parquet` (one row per planned trial),
 `epochs.parquet` (one row per trial and epoch), `summary.md`/`.csv`/`.tex` (one row per grid
-cell) and the plots as PNG and SVG. The sweep calls `write_report` when it ends.
+cell) and the plots as PNG and SVG. The sweep calls `write_report` when it ends. Another analysis
+of the same experiment parses only the `result.json` files that changed since (see `parsed`) and
+draws the plots again only when what they are drawn from changed.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
+import json
+import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import matplotlib
 import pandas as pd
 
 from tune_kd import cli
+from tune_kd.analysis import cells, plots, published, tables
 from tune_kd.analysis.cells import METRIC_COLUMNS, summarize
 from tune_kd.analysis.frames import Experiment, load_experiment
-from tune_kd.analysis.plots import figure_bytes, figures
+from tune_kd.analysis.plots import drawings, figure_bytes
 from tune_kd.analysis.read import ExperimentError
 from tune_kd.analysis.tables import failures, format_summary, summary_markdown, summary_tex
 from tune_kd.storage import Storage
@@ -46,16 +54,17 @@ class SweepReport:
 def write_report(location: str, out: str | None = None, metric: str = "best") -> SweepReport:
     """Read the experiment at `location` and write every table and plot into `out` (default
     `location/results`): the sweep calls this at its end."""
-    experiment = load_experiment(location)
-    summary = summarize(experiment.trials, metric)
     target = out if out is not None else Storage(str(location)).uri_of(RESULTS_FOLDER)
+    experiment = load_experiment(location, cache=target)
+    summary = summarize(experiment.trials, metric)
     files = write_files(experiment, summary, metric, target)
     return SweepReport(experiment, summary, metric, files)
 
 
 def write_files(experiment: Experiment, summary: pd.DataFrame, metric: str, out: str) -> list[str]:
     """Both frames as parquet, the summary as markdown, CSV and LaTeX, every plot as PNG and SVG;
-    returns where each file went."""
+    returns where each file went. The plots are drawn again only where what they are drawn from
+    changed since they were written (see `figure_key`)."""
     target = Storage(str(out))
     unwritable = target.unwritable()
     if unwritable:
@@ -69,12 +78,58 @@ def write_files(experiment: Experiment, summary: pd.DataFrame, metric: str, out:
         "summary.csv": summary.to_csv(index=False),
         "summary.tex": summary_tex(summary, metric),
     }
-    for name, fig in figures(experiment, metric).items():
-        contents[f"{name}.png"] = figure_bytes(fig, "png")
-        contents[f"{name}.svg"] = figure_bytes(fig, "svg")
+    kept = figure_keys(target)
+    images, drawn, keys = [], {}, {}
+    for name, (draw, data) in drawings(experiment, metric).items():
+        keys[name] = figure_key(data)
+        files = [f"{name}.png", f"{name}.svg"]
+        if kept.get(name) == keys[name] and all(target.exists(file) for file in files):
+            images += files
+            continue
+        fig = draw(*data)
+        if fig is not None:
+            drawn.update({file: figure_bytes(fig, file[-3:]) for file in files})
+            images += files
     for name, content in contents.items():  # each file whole: an interruption keeps the old one
         target.write(content.encode() if isinstance(content, str) else content, name)
-    return [target.uri_of(name) for name in contents]
+    if drawn:  # until its images are replaced, a figure's earlier key is no more
+        unchanged = {
+            n: k for n, k in kept.items() if f"{n}.png" in images and f"{n}.png" not in drawn
+        }
+        target.write(json.dumps(unchanged).encode(), FIGURE_KEYS)
+        for name, content in drawn.items():
+            target.write(content, name)
+        shown = {n: k for n, k in keys.items() if f"{n}.png" in images}
+        target.write(json.dumps(shown).encode(), FIGURE_KEYS)
+    return [target.uri_of(name) for name in [*contents, *images]]
+
+
+FIGURE_KEYS = ".figures.json"  # the key of each plot whose images are written, by name
+FIGURE_SOURCES = (cells, plots, published, tables)
+
+
+def figure_key(data: tuple) -> str:
+    """What a plot is drawn from: its data (as pickled: pickling, never unpickling), matplotlib's
+    version and settings, and the code of the modules that draw it."""
+    digest = hashlib.sha256(pickle.dumps(data, protocol=5))
+    digest.update(matplotlib.__version__.encode())
+    digest.update(repr(sorted(matplotlib.rcParams.items())).encode())
+    for module in FIGURE_SOURCES:
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()
+
+
+def figure_keys(target: Storage) -> dict[str, str]:
+    """The key of each plot whose images `target` holds, by name; none when unknown."""
+    try:
+        if not target.exists(FIGURE_KEYS):
+            return {}
+        keys = json.loads(target.read(FIGURE_KEYS))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(keys, dict) or not all(isinstance(k, str) for k in keys.values()):
+        return {}
+    return keys
 
 
 def parquet_bytes(frame: pd.DataFrame) -> bytes:
