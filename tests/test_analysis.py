@@ -477,6 +477,19 @@ def test_plots_return_figures_with_labels(experiment):
     assert curves.axes[0].get_legend_handles_labels()[1] == ["lr=0.01", "lr=0.05"]
 
 
+def test_loss_curves_stay_readable_when_one_curve_spikes(experiment):
+    """A loss of 250 in one trial's first epoch leaves the others' curves visible: a log axis."""
+    epochs = experiment.epochs.copy()
+    first = epochs.index[
+        (epochs["trial_id"] == epochs["trial_id"].iloc[0]) & (epochs["epoch"] == 1)
+    ]
+    epochs.loc[first, "test_loss"] = 250.0
+    curves = analysis.plot_curves(epochs, experiment.trials, "test_loss")
+    assert {ax.get_yscale() for ax in curves.axes if ax.get_visible()} == {"log"}
+    accuracy = analysis.plot_curves(epochs, experiment.trials, "test_acc")
+    assert {ax.get_yscale() for ax in accuracy.axes if ax.get_visible()} == {"linear"}
+
+
 def test_plots_without_their_data_are_skipped(experiment):
     one_lr = experiment.trials[experiment.trials["lr"] == 0.01]
     assert analysis.plot_accuracy_vs_lr(one_lr) is None

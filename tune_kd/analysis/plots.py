@@ -113,6 +113,9 @@ CURVE_LABELS = {
     "test_acc": ("test accuracy (%)", "Test accuracy per epoch"),
     "test_loss": ("test loss (cross-entropy)", "Test loss per epoch"),
 }
+# Curves drawn on a log axis: a loss spans orders of magnitude (a KL loss of ~250 in the first
+# epoch would flatten every other curve to a line at 0 on a linear one).
+LOG_CURVES = frozenset({"test_loss", "train_loss"})
 
 
 Line = tuple[str, pd.DataFrame]  # a curve's label, and its mean and std per epoch
@@ -138,6 +141,8 @@ def curves_figure(panels: list[tuple[str, list[Line]]], column: str) -> Figure |
     for ax, (name, lines) in zip(axes, panels):
         curve_panel(ax, lines, name)
         ax.set_ylabel(ylabel)
+        if column in LOG_CURVES:
+            ax.set_yscale("log")
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
     fig.suptitle(f"{title} (mean line, ± std band over seeds)")
