@@ -90,9 +90,12 @@ def needed(configs: Sequence[Config], checkpoints: Any, recipe: Any) -> list[Tea
         )
         if need.key not in found:
             if need.checkpoint:
-                check_checkpoint(
-                    need.checkpoint, need.arch, config, f"teacher_checkpoints.{config.teacher}"
+                key = (
+                    "teacher_checkpoint"
+                    if config.teacher_checkpoint
+                    else f"teacher_checkpoints.{config.teacher}"
                 )
+                check_checkpoint(need.checkpoint, need.arch, config, key)
             found[need.key] = need
         needs.append(found[need.key])
     return needs
