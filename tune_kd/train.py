@@ -665,11 +665,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         checkpoint = out / "checkpoint.pt"
         if args.resume:
             resume(run, checkpoint)
+    except (ValueError, datasets.DatasetUnavailable) as error:
+        return cli.fail(error)
     except RuntimeError as error:  # a teacher trained first diverged
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except (ValueError, datasets.DatasetUnavailable) as error:
-        return cli.fail(error)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     teacher = f", teacher {run.teacher_test_acc:.2f}%" if run.teacher_test_acc is not None else ""
