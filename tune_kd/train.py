@@ -1,9 +1,13 @@
 """One training run, end to end, without Ray.
 
-    python -m tune_kd.train --config search_spaces/quickstart.yaml --set epochs=3 \\
-        --set lr_decay_epochs=[2]
+    python -m tune_kd.train --config search_spaces/quickstart.yaml --set loss=l2 --set lr=0.05 \\
+        --set seed=0
     python -m tune_kd.train --method simkd --teacher resnet32x4 \\
         --teacher-checkpoint resnet32x4_vanilla/ckpt_epoch_240.pth --student resnet8x4
+
+From a search-space file, `--set` picks one trial, which runs as the sweep's trial of those values
+does: with the threads of the file's `resources.cpu` (`tune_kd.space.Resources.threads`), and
+distilling from the teacher the sweep caches (`tune_kd.teachers`), trained here first if missing.
 
 A run trains a group of students that share one teacher pass per batch: every student of the group
 sees the same batches, so the teacher's forward is computed once for all of them. A single
@@ -520,7 +524,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--config", type=Path, help="a YAML file of keys, or a search-space file of one trial"
+        "--config",
+        type=Path,
+        help="a YAML file of keys, or a search-space file whose --set values pick one trial",
     )
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key"
