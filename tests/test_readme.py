@@ -37,7 +37,8 @@ SHRINK = (
 def local_commands(readme: str) -> list[str]:
     """Every distinct `python -m tune_kd...` command of the local sections, in reading order, with
     `FILE` standing for the quickstart's space file: from code lines (an ending `\\` continues a
-    line) and from inline code, each part of an `a && b` line."""
+    line) and from inline code, each part of an `a && b` line. The set-up's venv, pip and pytest
+    commands and the notebook's nbconvert are not tune_kd's and are left out."""
     found: list[str] = []
     for section in re.split(r"^(?=## )", readme, flags=re.MULTILINE):
         if not section.startswith(LOCAL_SECTIONS):

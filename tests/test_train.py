@@ -236,6 +236,21 @@ def test_set_picks_one_trial_of_a_sweep_and_its_teacher_comes_from_the_sweeps_ca
     assert "teacher(s) first" not in capsys.readouterr().out
 
 
+def test_a_teacher_to_train_first_needs_a_writable_storage(tiny, tmp_path, capsys):
+    values = {k: v for k, v in tiny.items() if k != "teacher_checkpoint"}
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        yaml.safe_dump({**values, "teacher_train": {"epochs": 1, "lr_decay_epochs": [1]}})
+    )
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "run"
+    argv = ["--config", str(space), "--storage", str(tmp_path / "file"), "--out", str(out)]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "key '--storage'" in err and "is a file" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

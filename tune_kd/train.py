@@ -581,13 +581,16 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, Space | None]:
 def cached_teacher(space: Space, storage: Storage) -> tuple[str, Mapping] | None:
     """Where the sweep's cache under `storage` keeps the teacher of `space`'s one trial, and its
     weights, when the file trains its teacher first (`teacher_train`); None when it does not.
-    A teacher missing from the cache is trained here first, and cached for later runs and sweeps.
-    """
+    A teacher missing from the cache is trained here first, and cached for later runs and sweeps;
+    ConfigError, before anything is trained, when the storage cannot be written."""
     from tune_kd import teachers
 
     needs = [n for n in space.teachers if n.recipe is not None]
     if not needs:
         return None
+    unwritable = storage.unwritable()
+    if unwritable:
+        raise ConfigError("--storage", unwritable)
     teachers.train_missing(needs, storage, functools.partial(train_teachers, storage))
     [path] = teachers.cached_checkpoints(needs, storage).values()
     return path, teachers.load_states(needs, storage)[path]
@@ -624,16 +627,6 @@ def train_teacher(recipe: Config, storage: Storage, experiment: str) -> bytes | 
         return path.read_bytes()
 
 
-def cache_storage(location: str) -> Storage:
-    """The storage of `--storage`, where teachers trained first are cached; one line if it
-    cannot be written."""
-    storage = Storage(location)
-    unwritable = storage.unwritable()
-    if unwritable:
-        raise ConfigError("--storage", unwritable)
-    return storage
-
-
 def resume(run: Run, checkpoint: Path) -> None:
     """Continue `run` from its folder's checkpoint, or say in one line why it cannot be."""
     if not checkpoint.is_file():
@@ -663,7 +656,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         teacher_state = None
         if space is not None:
             torch.set_num_threads(space.resources.threads)  # as the sweep's trials of this file
-            teacher = cached_teacher(space, cache_storage(args.storage))
+            teacher = cached_teacher(space, Storage(args.storage))
             if teacher is not None:
                 path, teacher_state = teacher
                 config = dataclasses.replace(config, teacher_checkpoint=path)
