@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from tune_kd import train
+from tune_kd import space as space_module
+from tune_kd import teachers, train
 from tune_kd.config import Config, ConfigError, resolve
+from tune_kd.storage import Storage
 from tune_kd.train import TIMING_METRICS, Run
 
 METRICS = {
@@ -208,6 +211,44 @@ def test_a_space_file_of_one_trial_is_a_configuration(tiny, tmp_path, capsys):
     space.write_text(yaml.safe_dump({**tiny, "grid": {"loss": ["l2", "kl"]}}))
     assert train.main(["--config", str(space)]) == 2
     assert "describes 2 trials, not one" in capsys.readouterr().err
+
+
+def test_set_picks_one_trial_of_a_sweep_and_its_teacher_comes_from_the_sweeps_cache(
+    tiny, tmp_path, capsys
+):
+    """A teacher the file trains first is trained once, where a sweep of the file caches it."""
+    values = {k: v for k, v in tiny.items() if k != "teacher_checkpoint"}
+    space = tmp_path / "space.yaml"
+    recipe = {"epochs": 1, "lr_decay_epochs": [1], "batch_size": 32}
+    space.write_text(
+        yaml.safe_dump({**values, "teacher_train": recipe, "grid": {"lr": [0.05, 0.2]}})
+    )
+    storage = tmp_path / "results"
+    argv = ["--config", str(space), "--set", "lr=0.2", "--storage", str(storage)]
+    assert train.main([*argv, "--out", str(tmp_path / "first")]) == 0
+    assert "training 1 teacher(s) first: resnet14" in capsys.readouterr().out
+    [need] = space_module.load(space).teachers
+    cached = Storage(str(storage)).uri_of(*teachers.cache_parts(need))
+    assert Path(cached).is_file()
+    saved = yaml.safe_load((tmp_path / "first" / "config.yaml").read_text())
+    assert saved["teacher_checkpoint"] == cached and saved["lr"] == 0.2
+    assert train.main([*argv, "--out", str(tmp_path / "second")]) == 0
+    assert "teacher(s) first" not in capsys.readouterr().out
+
+
+def test_a_teacher_to_train_first_needs_a_writable_storage(tiny, tmp_path, capsys):
+    values = {k: v for k, v in tiny.items() if k != "teacher_checkpoint"}
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        yaml.safe_dump({**values, "teacher_train": {"epochs": 1, "lr_decay_epochs": [1]}})
+    )
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "run"
+    argv = ["--config", str(space), "--storage", str(tmp_path / "file"), "--out", str(out)]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "key '--storage'" in err and "is a file" in err and len(err.splitlines()) == 1
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(

@@ -22,11 +22,10 @@ from tune_kd import data as datasets
 from tune_kd import space as spaces
 from tune_kd.config import ConfigError
 from tune_kd.space import Space, SpaceError
-from tune_kd.storage import Storage
+from tune_kd.storage import DEFAULT_STORAGE, Storage
 from tune_kd.train import parse_overrides
 
 DEFAULT_SPACE = Path("search_spaces/study_losses.yaml")
-DEFAULT_STORAGE = "results"
 
 
 # ----------------------------------------------------------------------------- Ray

@@ -81,6 +81,13 @@ class Resources:
     cpu: float = 1.0
     gpu: float = 0.0
 
+    @property
+    def threads(self) -> int:
+        """The torch threads of one run: its whole CPUs, at least one. A sweep's trials and
+        `tune_kd.train` of the same file both use it, so that a trial rerun alone computes the
+        same numbers (a CPU's sums depend on how many threads split them)."""
+        return max(1, int(self.cpu))
+
 
 @dataclass(frozen=True)
 class Scheduler:

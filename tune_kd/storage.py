@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pyarrow.fs
 
+# Where sweeps write their experiments and cache their teachers, unless told otherwise.
+DEFAULT_STORAGE = "results"
+
 
 class Storage:
     """A results location: a local folder, or a URI pyarrow understands (s3://, gs://, ...)."""

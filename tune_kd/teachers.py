@@ -4,8 +4,9 @@ A distilling trial reads its teacher from a checkpoint file (its `teacher_checkp
 file's `teacher_checkpoints` by architecture) or, with `teacher_train`, from a teacher trained
 first by that recipe: the trial's data, cross-entropy, and the recipe's keys. A trained teacher is
 cached under the storage by a hash of its recipe, in the field's layout
-(`teachers/<arch>_vanilla-<hash>/ckpt_epoch_<E>.pth`), so that later sweeps reuse it; so is a
-sweep's own cross-entropy run whose configuration is such a recipe.
+(`teachers/<arch>_vanilla-<hash>/ckpt_epoch_<E>.pth`), so that later sweeps, and `tune_kd.train` of
+one of their trials, reuse it; so is a sweep's own cross-entropy run whose configuration is such a
+recipe. A sweep trains missing teachers as Tune trials, `tune_kd.train` in its own process.
 """
 
 from __future__ import annotations
@@ -90,9 +91,12 @@ def needed(configs: Sequence[Config], checkpoints: Any, recipe: Any) -> list[Tea
         )
         if need.key not in found:
             if need.checkpoint:
-                check_checkpoint(
-                    need.checkpoint, need.arch, config, f"teacher_checkpoints.{config.teacher}"
+                key = (
+                    "teacher_checkpoint"
+                    if config.teacher_checkpoint
+                    else f"teacher_checkpoints.{config.teacher}"
                 )
+                check_checkpoint(need.checkpoint, need.arch, config, key)
             found[need.key] = need
         needs.append(found[need.key])
     return needs

@@ -1,9 +1,13 @@
 """One training run, end to end, without Ray.
 
-    python -m tune_kd.train --config search_spaces/quickstart.yaml --set epochs=3 \\
-        --set lr_decay_epochs=[2]
+    python -m tune_kd.train --config search_spaces/quickstart.yaml --set loss=l2 --set lr=0.05 \\
+        --set seed=0
     python -m tune_kd.train --method simkd --teacher resnet32x4 \\
         --teacher-checkpoint resnet32x4_vanilla/ckpt_epoch_240.pth --student resnet8x4
+
+From a search-space file, `--set` picks one trial, which runs as the sweep's trial of those values
+does: with the threads of the file's `resources.cpu` (`tune_kd.space.Resources.threads`), and
+distilling from the teacher the sweep caches (`tune_kd.teachers`), trained here first if missing.
 
 A run trains a group of students that share one teacher pass per batch: every student of the group
 sees the same batches, so the teacher's forward is computed once for all of them. A single
@@ -20,14 +24,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import functools
 import json
 import math
 import pickle
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -37,7 +44,10 @@ from tune_kd import cli, distillers, fused, losses, models
 from tune_kd import data as datasets
 from tune_kd.config import EXECUTION_KEYS, KEYS, SHARED_KEYS, Config, ConfigError, describe, resolve
 from tune_kd.member import Member, build_member, restore, snapshot, to_device
-from tune_kd.storage import Storage
+from tune_kd.storage import DEFAULT_STORAGE, Storage
+
+if TYPE_CHECKING:
+    from tune_kd.space import Space
 
 # Metrics that measure the machine rather than the training: they differ between identical runs.
 TIMING_METRICS = ("epoch_seconds", "images_per_second")
@@ -514,7 +524,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--config", type=Path, help="a YAML file of keys, or a search-space file of one trial"
+        "--config",
+        type=Path,
+        help="a YAML file of keys, or a search-space file whose --set values pick one trial",
     )
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key"
@@ -526,6 +538,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue from the run folder's checkpoint"
     )
     parser.add_argument(
+        "--storage",
+        default=DEFAULT_STORAGE,
+        help="where teachers trained first are cached, as for tune_kd.run (default %(default)s)",
+    )
+    parser.add_argument(
         "--checkpoint-every", type=int, default=1, metavar="N", help="save every N epochs"
     )
     for key in KEYS:
@@ -535,17 +552,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    values: dict[str, Any] = {}
-    if args.config is not None:
-        from tune_kd import space
+def config_from_args(args: argparse.Namespace) -> tuple[Config, Space | None]:
+    """The one configuration the command line describes, and the space file it came from (None
+    without `--config`). The flags and `--set` values apply to the file before it must describe
+    one trial, so that `--set` picks one value of each swept key, as `tune_kd.run --set` does."""
+    from tune_kd import space as spaces
 
-        values.update(space.load(args.config).single_trial())
+    values: dict[str, Any] = {}
     for key in KEYS:
         flag = getattr(args, f"key_{key}")
         if flag is not None:
             values[key] = yaml_value(key, flag)
     values.update(parse_overrides(args.set))
+    space = None
+    if args.config is not None:
+        space = spaces.load(args.config, values)
+        values = space.single_trial()
     config = resolve(Config.from_dict(values))
     if config.method != "student" and config.teacher_checkpoint is not None:
         from tune_kd import teachers
@@ -553,7 +575,56 @@ def config_from_args(args: argparse.Namespace) -> Config:
         teachers.check_checkpoint(
             config.teacher_checkpoint, config.teacher, config, "teacher_checkpoint"
         )
-    return config
+    return config, space
+
+
+def cached_teacher(space: Space, storage: Storage) -> tuple[str, Mapping] | None:
+    """Where the sweep's cache under `storage` keeps the teacher of `space`'s one trial, and its
+    weights, when the file trains its teacher first (`teacher_train`); None when it does not.
+    A teacher missing from the cache is trained here first, and cached for later runs and sweeps;
+    ConfigError, before anything is trained, when the storage cannot be written."""
+    from tune_kd import teachers
+
+    needs = [n for n in space.teachers if n.recipe is not None]
+    if not needs:
+        return None
+    unwritable = storage.unwritable()
+    if unwritable:
+        raise ConfigError("--storage", unwritable)
+    teachers.train_missing(needs, storage, functools.partial(train_teachers, storage))
+    [path] = teachers.cached_checkpoints(needs, storage).values()
+    return path, teachers.load_states(needs, storage)[path]
+
+
+def train_teachers(
+    storage: Storage, experiment: str, recipes: Sequence[Config]
+) -> list[bytes | None]:
+    """Train each recipe in this process, one after another (the `train` of
+    `teachers.train_missing`): each one's final weights, None for one that diverged."""
+    return [train_teacher(recipe, storage, experiment) for recipe in recipes]
+
+
+def train_teacher(recipe: Config, storage: Storage, experiment: str) -> bytes | None:
+    """Train one teacher's recipe, printing its epochs and keeping them under the storage as
+    `<experiment>/<arch>/metrics.jsonl`; its final weights (None: it diverged)."""
+    rows: list[str] = []
+
+    def report(metrics: list[dict[str, Any] | None]) -> None:
+        if metrics[0] is not None:
+            print(format_row(metrics[0]), flush=True)
+            rows.append(json.dumps(metrics[0]) + "\n")
+
+    print(f"teacher {recipe.student} on {recipe.dataset}, {recipe.epochs} epochs")
+    print(format_header())
+    run = Run([recipe])
+    fit(run, report)
+    storage.write("".join(rows).encode(), experiment, recipe.student, "metrics.jsonl")
+    if run.members[0].diverged:
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "teacher.pth"
+        run.export_student(0, path)
+        return path.read_bytes()
 
 
 def resume(run: Run, checkpoint: Path) -> None:
@@ -574,7 +645,7 @@ def resume(run: Run, checkpoint: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
-        config = config_from_args(args)
+        config, space = config_from_args(args)
         out = (
             args.out
             or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.method}-{config.student}"
@@ -582,12 +653,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         unwritable = Storage(str(out)).unwritable()
         if unwritable:
             raise ConfigError("--out", unwritable)
-        run = Run([config])
+        teacher_state = None
+        if space is not None:
+            torch.set_num_threads(space.resources.threads)  # as the sweep's trials of this file
+            teacher = cached_teacher(space, Storage(args.storage))
+            if teacher is not None:
+                path, teacher_state = teacher
+                config = dataclasses.replace(config, teacher_checkpoint=path)
+        run = Run([config], teacher_state=teacher_state)
         checkpoint = out / "checkpoint.pt"
         if args.resume:
             resume(run, checkpoint)
     except (ValueError, datasets.DatasetUnavailable) as error:
         return cli.fail(error)
+    except RuntimeError as error:  # a teacher trained first diverged
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     teacher = f", teacher {run.teacher_test_acc:.2f}%" if run.teacher_test_acc is not None else ""

@@ -61,7 +61,7 @@ class Launcher:
             base=space.sampling_base,
             data=self.data,
             teachers=teacher_states,
-            threads=max(1, int(self.resources.cpu)),
+            threads=self.resources.threads,
         )
         return tune.with_resources(bound, {"cpu": self.resources.cpu, "gpu": self.resources.gpu})
 
