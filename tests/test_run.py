@@ -210,13 +210,16 @@ def stoppable_sweep(storage: Path, teacher: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize(
+    "stop", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1], ids=["SIGINT", "SIGTERM", "SIGUSR1"]
+)
 def test_a_stopped_sweep_is_saved_and_resume_finds_and_finishes_it(
     stop, tmp_path, teacher_checkpoint, inject_faults
 ):
-    """Stopped while its first two trials are held before their second epoch and four never
-    started; then a finished experiment of the same space is run; `--resume` without `--name`
-    continues the stopped one, each trial's epochs once, and then finds nothing to continue."""
+    """Stopped (Ctrl-C, a kill, SLURM's warning before a requeue) while its first two trials are
+    held before their second epoch and four never started; then a finished experiment of the same
+    space is run; `--resume` without `--name` continues the stopped one, each trial's epochs once,
+    and then finds nothing to continue."""
     storage = tmp_path / "results"
     held = tmp_path / "faults.log"
     hold = {f"trial_000{i}": {"epoch": 2, "kind": "hold", "times": 1, "wait": True} for i in (0, 1)}

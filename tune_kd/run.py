@@ -224,10 +224,10 @@ def unfinished_experiments(storage: Storage, space_name: str) -> list[str]:
         if not saved:  # stopped before Tune saved anything: nothing to continue
             continue
         trials = read_states(experiment, [f.base_name for f in saved], problems=[])
-        tune_trials = len(planned.get("groups") or []) if planned.get("trials") else None
-        expected = tune_trials or int(planned.get("planned") or 0)
         ended = [t for t in trials.values() if t.get("status") == "TERMINATED"]
-        if len(ended) < expected:
+        # Tune's trials: a grid's groups (one trial, or students sharing a teacher), or samples
+        tune_trials = len(planned.get("groups") or []) if planned.get("trials") else None
+        if len(ended) < (tune_trials or int(planned.get("planned") or 0)):
             found.append((max(f.mtime_ns or 0 for f in saved), folder))
     return [folder for _, folder in sorted(found)]
 
