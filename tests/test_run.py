@@ -247,6 +247,7 @@ def test_a_stopped_sweep_is_saved_and_resume_finds_and_finishes_it(
     )
     assert "0 completed, 0 diverged, 0 error, 2 running, 4 pending" in first
     experiment = storage / "stop"
+    assert f"Result logdir: {experiment}\n" in first and "driver_artifacts" not in first
     assert [epochs_of(experiment / f"trial_000{i}") for i in (0, 1)] == [[1], [1]]
 
     finished = sweep(*stoppable_sweep(storage, teacher, "--set", "lr=[0.05]"))
