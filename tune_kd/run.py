@@ -2,7 +2,8 @@
 
 Validates the space file in full, trains the teachers it needs (once: they are cached under the
 storage by a hash of their recipe), then runs every trial with Ray Tune, on a local Ray or the
-cluster of `--address auto`, and ends with the results' tables.
+cluster of `--address auto`, and ends with the results' tables. SIGINT, SIGTERM or SIGUSR1 stop
+it with its state saved (exit status 128 + the signal's number), and `--resume` continues it.
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="continue an interrupted experiment (--name, or the space's latest)",
+        help="continue a stopped experiment (--name, or the space's latest unfinished one)",
     )
     parser.add_argument(
         "--dry-run", action="store_true", help="validate and print the plan, then exit"
