@@ -524,6 +524,28 @@ def test_runner_state_decides_statuses(tmp_path):
     assert list(trials["status"]) == ["completed", "error", "pending"]
 
 
+def test_a_stopped_sweeps_queued_trials_are_pending_and_its_started_ones_running(tmp_path):
+    """A stopped sweep's runner state: its queued trials have folders but are still PENDING."""
+    root = tmp_path / "stopped"
+    trials = [plan_trial(i, {"loss": "l2", "lr": 0.01, "seed": i}) for i in range(3)]
+    write_plan(root, trials, [[0], [1], [2]])
+    rows = engine_rows(curve(70, epochs=1))
+    write_lines(root / "trial_0000", [tune_line(r, 0, 60) for r in rows])
+    for position in (1, 2):
+        (root / f"trial_{position:04d}").mkdir()
+        (root / f"trial_{position:04d}" / "params.json").write_text("{}")
+    states = {"trial_0000": "PENDING", "trial_0001": "PENDING", "trial_0002": "RUNNING"}
+    entries = [
+        [json.dumps({"trial_id": f"x_{i}", "status": s, "relative_logdir": name}), "{}"]
+        for i, (name, s) in enumerate(states.items())
+    ]
+    (root / "experiment_state-2026-01-02_00-00-00.json").write_text(
+        json.dumps({"trial_data": entries})
+    )
+    trials = analysis.load_experiment(str(root)).trials
+    assert list(trials["status"]) == ["running", "pending", "running"]
+
+
 def test_group_student_that_diverged_leaves_the_later_lines(tmp_path):
     root = tmp_path / "group"
     write_plan(

@@ -349,7 +349,7 @@ CASES: dict[str, tuple] = {
         lambda f: f.run("--resume"),
         S,
         "'--resume'",
-        "no earlier experiment",
+        "no unfinished experiment",
     ),
     "storage-is-a-file": (
         "run",

@@ -191,3 +191,83 @@ def test_an_experiment_name_is_one_folder_of_the_storage(name, tmp_path, capsys)
         error = capsys.readouterr().err
         assert error.count("\n") == 1 and "'--name'" in error and "quickstart.yaml" in error
     assert not (tmp_path / "store").exists() and not (tmp_path / "escape").exists()
+
+
+def stoppable_sweep(storage: Path, teacher: Path, *extra: str) -> list[str]:
+    """The quickstart's six (loss, lr) trials of two epochs, two at a time, on a given teacher."""
+    return [
+        *QUICK,
+        "--set",
+        "lr=[0.05,0.3]",
+        "--set",
+        f"teacher_checkpoint={teacher}",
+        "--max-concurrent",
+        "2",
+        "--storage",
+        str(storage),
+        *extra,
+    ]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    "stop", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1], ids=["SIGINT", "SIGTERM", "SIGUSR1"]
+)
+def test_a_stopped_sweep_is_saved_and_resume_finds_and_finishes_it(
+    stop, tmp_path, teacher_checkpoint, inject_faults
+):
+    """Stopped (Ctrl-C, a kill, SLURM's warning before a requeue) while its first two trials are
+    held before their second epoch and four never started; then a finished experiment of the same
+    space is run; `--resume` without `--name` continues the stopped one, each trial's epochs once,
+    and then finds nothing to continue."""
+    storage = tmp_path / "results"
+    held = tmp_path / "faults.log"
+    hold = {f"trial_000{i}": {"epoch": 2, "kind": "hold", "times": 1, "wait": True} for i in (0, 1)}
+    space = str(ROOT / "search_spaces" / "quickstart.yaml")
+    teacher = teacher_checkpoint
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tune_kd.run", *stoppable_sweep(storage, teacher, "--name", "stop")],
+        cwd=ROOT,
+        env={**os.environ, **inject_faults(hold, held)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while held.read_text().count(" hold 2") < 2:
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "the first two trials never reached their 2nd epoch"
+        time.sleep(0.2)
+    process.send_signal(stop)
+    first = process.communicate(timeout=300)[0]
+    assert process.returncode == 128 + stop, first[-3000:]
+    assert first.strip().splitlines()[-1] == (
+        f"interrupted: 0 of 6 trials finished; continue with: python -m tune_kd.run"
+        f" --space {space} --name stop --resume"
+    )
+    assert "0 completed, 0 diverged, 0 error, 2 running, 4 pending" in first
+    experiment = storage / "stop"
+    assert f"Result logdir: {experiment}\n" in first and "driver_artifacts" not in first
+    assert [epochs_of(experiment / f"trial_000{i}") for i in (0, 1)] == [[1], [1]]
+
+    finished = sweep(*stoppable_sweep(storage, teacher, "--set", "lr=[0.05]"))
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+
+    resumed = sweep("--resume", "--space", space, "--storage", str(storage))
+    output = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, output[-3000:]
+    assert f"resuming {experiment}\n" in resumed.stdout
+    for index in range(6):
+        assert epochs_of(experiment / f"trial_{index:04d}") == [1, 2]
+    assert "6 planned: 6 completed" in resumed.stdout
+    table = [line for line in resumed.stdout.splitlines() if line.startswith("| trial_0000 ")]
+    assert table and "| loss " in resumed.stdout and "| lr " in resumed.stdout
+    assert "Current best trial: trial_000" in resumed.stdout
+    assert f"Result logdir: {experiment}\n" in resumed.stdout
+    assert "driver_artifacts" not in output
+
+    again = sweep("--resume", "--space", space, "--storage", str(storage))
+    assert again.returncode == 2 and again.stdout == ""
+    assert (
+        again.stderr.count("\n") == 1 and "no unfinished experiment of 'quickstart'" in again.stderr
+    )

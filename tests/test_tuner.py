@@ -49,13 +49,28 @@ def tune_trials(loaded: space.Space) -> list[Trial]:
 def progress_table(loaded: space.Space, trials: list[Trial], capsys) -> list[dict[str, str]]:
     """The rows of the progress table the sweep's reporter prints for `trials`, by heading."""
     config = tuner.tune_config(loaded, max_concurrent=None)
-    reporter = tuner.progress_reporter(loaded)
+    reporter = tuner.progress_reporter(loaded, "results/experiment")
     reporter.setup(start_time=time.time(), metric=config.metric, mode=config.mode)
     capsys.readouterr()
     reporter.report(trials, done=False)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     header, *rows = ([cell.strip() for cell in line.strip("|").split("|")] for line in lines)
     return [dict(zip(header, row)) for row in rows]
+
+
+def test_the_table_names_the_best_trial_as_its_rows_and_the_experiment_by_its_storage(capsys):
+    """Tune's own lines name the best trial by Tune's id and the folder by Tune's copy of it."""
+    loaded = space.load(SPACES / "quickstart.yaml")
+    trials = tune_trials(loaded)
+    config = tuner.tune_config(loaded, max_concurrent=None)
+    reporter = tuner.progress_reporter(loaded, "s3://bucket/results/quick")
+    reporter.setup(start_time=time.time(), metric=config.metric, mode=config.mode)
+    reporter.report(trials, done=True)
+    out = capsys.readouterr().out
+    best = str(trials[-1])  # the highest accuracy: 10 plus the trial's number
+    assert f"Current best trial: {best} with best_test_acc=" in out
+    assert trials[-1].trial_id not in out
+    assert "Result logdir: s3://bucket/results/quick\n" in out and "experiment" not in out
 
 
 def headings(rows: list[dict[str, str]]) -> list[str]:
@@ -110,7 +125,7 @@ def test_the_reporter_leaves_the_environment_alone_and_tunes_table_is_chosen_apa
     from ray.tune.experimental.output import get_air_verbosity
 
     monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "1")  # Tune's default: its per-trial output
-    tuner.progress_reporter(space.load(SPACES / "quickstart.yaml"))
+    tuner.progress_reporter(space.load(SPACES / "quickstart.yaml"), "results/experiment")
     assert os.environ["RAY_AIR_NEW_OUTPUT"] == "1"
     assert get_air_verbosity(1) is not None
     tuner.use_table_output()

@@ -2,7 +2,8 @@
 
 Validates the space file in full, trains the teachers it needs (once: they are cached under the
 storage by a hash of their recipe), then runs every trial with Ray Tune, on a local Ray or the
-cluster of `--address auto`, and ends with the results' tables.
+cluster of `--address auto`, and ends with the results' tables. SIGINT, SIGTERM or SIGUSR1 stop
+it with its state saved (exit status 128 + the signal's number), and `--resume` continues it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from tune_kd.storage import DEFAULT_STORAGE, Storage
 from tune_kd.train import parse_overrides
 
 DEFAULT_SPACE = Path("search_spaces/study_losses.yaml")
+
+# A trial's status in the results' tables (`analysis.load_experiment`) that --resume would run on,
+# and those of a trial that ran to its end.
+UNFINISHED = ("running", "pending")
+FINISHED = ("completed", "diverged")
 
 
 # ----------------------------------------------------------------------------- Ray
@@ -141,7 +147,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="continue an interrupted experiment (--name, or the space's latest)",
+        help="continue a stopped experiment (--name, or the space's latest unfinished one)",
     )
     parser.add_argument(
         "--dry-run", action="store_true", help="validate and print the plan, then exit"
@@ -186,14 +192,44 @@ def experiment_name(args: argparse.Namespace, space: Space, storage: Storage) ->
         if not plan.has_plan(storage, args.name):
             raise SpaceError(space.path, "--name", f"no experiment '{args.name}' in {storage.uri}")
         return args.name
-    earlier = [
-        f for f in storage.folders() if f.startswith(space.name + "-") and plan.has_plan(storage, f)
-    ]
-    if not earlier:
+    unfinished = unfinished_experiments(storage, space.name)
+    if not unfinished:
         raise SpaceError(
-            space.path, "--resume", f"no earlier experiment of '{space.name}' in {storage.uri}"
+            space.path,
+            "--resume",
+            f"no unfinished experiment of '{space.name}' in {storage.uri} (all ran to their end)",
         )
-    return earlier[-1]
+    return unfinished[-1]
+
+
+def unfinished_experiments(storage: Storage, space_name: str) -> list[str]:
+    """The experiments of space `space_name` in the storage that --resume can continue (Tune saved
+    their state, and it records fewer trials than planned or one not ended), the one saved last
+    at the end."""
+    from pyarrow.fs import FileSelector
+
+    from tune_kd.analysis.read import read_states
+
+    found = []
+    for folder in storage.folders():
+        experiment = Storage(storage.uri_of(folder))
+        try:
+            planned = plan.read_plan(experiment)
+        except plan.PlanError:
+            continue
+        if planned.get("name") != space_name:
+            continue
+        files = experiment.fs.get_file_info(FileSelector(experiment.root))
+        saved = [f for f in files if f.base_name.startswith("experiment_state-")]
+        if not saved:  # stopped before Tune saved anything: nothing to continue
+            continue
+        trials = read_states(experiment, [f.base_name for f in saved], problems=[])
+        ended = [t for t in trials.values() if t.get("status") == "TERMINATED"]
+        # Tune's trials: a grid's groups (one trial, or students sharing a teacher), or samples
+        tune_trials = len(planned.get("groups") or []) if planned.get("trials") else None
+        if len(ended) < (tune_trials or int(planned.get("planned") or 0)):
+            found.append((max(f.mtime_ns or 0 for f in saved), folder))
+    return [folder for _, folder in sorted(found)]
 
 
 def with_trackers(space: Space, added: Sequence[str]) -> Space:
@@ -242,6 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         space, storage, name, space_text, overrides = prepare(args)
+        if args.resume:
+            print(f"resuming {storage.uri_of(name)}")
         if args.dry_run:
             print(describe_plan(space))
             return 0
@@ -256,26 +294,53 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.max_concurrent,
         args.max_failures,
     )
-    try:
-        teachers.train_missing(
-            space.teachers, storage, functools.partial(launcher.fit_alone, space)
-        )
-    except RuntimeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    with tuner.StopSignals() as stop:
+        try:
+            teachers.train_missing(
+                space.teachers, storage, functools.partial(launcher.fit_alone, space)
+            )
+        except RuntimeError as error:
+            if stop.received is None:
+                print(f"error: {error}", file=sys.stderr)
+                return 1
+        if stop.received is not None:  # the finished teachers are cached; no trial started
+            print("interrupted: while training the teachers; run the same command again")
+            return stop.exit_status()
+        return run_sweep(args, launcher, space, name, space_text, overrides, stop)
+
+
+def run_sweep(
+    args: argparse.Namespace,
+    launcher: tuner.Launcher,
+    space: Space,
+    name: str,
+    space_text: str,
+    overrides: dict[str, Any],
+    stop: tuner.StopSignals,
+) -> int:
+    """Run or continue the experiment `name` until every trial ends or a signal stops it; the
+    results' tables, then the exit status (a stop's ends in the line that continues it)."""
+    storage = launcher.storage
     space = space.with_teacher_checkpoints(teachers.cached_checkpoints(space.teachers, storage))
     states = teachers.load_states(space.teachers, storage)
     if args.resume:
-        print(f"resuming {storage.uri_of(name)}")
         results = launcher.restore(space, name, states).fit()
     else:
         plan.write_plan(storage, name, space, space_text, overrides, launcher.resources)
         results = launcher.tuner(space, name, states).fit()
     trained = tuner.final_students(results, space)
     teachers.cache_finished([t.config for t in space.trials], trained, storage)
-    failed = report_results(storage, name).failures
-    if failed:
-        print(f"error: {len(failed)} of {space.planned} trials failed", file=sys.stderr)
+    report = report_results(storage, name)
+    statuses = report.experiment.trials["status"]
+    if statuses.isin(UNFINISHED).any():  # stopped by a signal (Tune's SIGUSR1 is not seen here)
+        finished = int(statuses.isin(FINISHED).sum())
+        print(
+            f"interrupted: {finished} of {len(statuses)} trials finished; continue with:"
+            f" python -m tune_kd.run --space {args.space} --name {name} --resume"
+        )
+        return stop.exit_status()
+    if report.failures:
+        print(f"error: {len(report.failures)} of {space.planned} trials failed", file=sys.stderr)
         return 1
     return 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,7 @@ class Launcher:
             storage_path=self.storage.uri,
             failure_config=tune.FailureConfig(max_failures=self.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            progress_reporter=progress_reporter(space),
+            progress_reporter=progress_reporter(space, self.storage.uri_of(name)),
             callbacks=[KeepResultsOnRetry(), *tracker_callbacks(space, name)],
             verbose=1,
         )
@@ -110,11 +111,21 @@ class Launcher:
         return self.fit(alone, name, teacher_states={})
 
     def restore(self, space: Space, name: str, teacher_states: Mapping[str, Any]) -> Any:
+        """The Tuner that continues experiment `name`: its unfinished and failed trials, shown
+        in the same progress table as its first run."""
         from ray import tune
 
-        return tune.Tuner.restore(
-            self.storage.uri_of(name), self.trainable(space, teacher_states), resume_errored=True
+        use_table_output()
+        location = self.storage.uri_of(name)
+        restored = tune.Tuner.restore(
+            location, self.trainable(space, teacher_states), resume_errored=True
         )
+        # Tune restores the run's settings as the first run saved them; the table is this
+        # version's (an experiment of an earlier version saved Tune's own reporter).
+        restored._local_tuner.get_run_config().progress_reporter = progress_reporter(
+            space, location
+        )
+        return restored
 
 
 def final_students(results: Any, space: Space) -> list[bytes | None]:
@@ -230,11 +241,13 @@ def use_table_output() -> None:
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
 
 
-def progress_reporter(space: Space) -> Any:
-    """One compact table of every trial: its grid values and accuracies, best first."""
-    from ray import tune
+def progress_reporter(space: Space, location: str) -> Any:
+    """One compact table of every trial: its grid values and accuracies, best first, under the
+    experiment's `location` in the storage."""
+    from tune_kd.progress import ProgressTable
 
-    return tune.CLIReporter(
+    return ProgressTable(
+        location,
         parameter_columns=shown_params(space),
         metric_columns=dict(METRIC_COLUMNS),
         max_report_frequency=30,
@@ -252,3 +265,46 @@ def tracker_callbacks(space: Space, experiment: str) -> list[Any]:
 
     axes = space.axes or list(space.search.ranges)  # a grid's axes, or Optuna's sampled keys
     return trackers.callbacks(space.trackers, axes, experiment)
+
+
+# ----------------------------------------------------------------------------- stopping a sweep
+
+# The exit status of a sweep stopped by each signal: 128 plus the signal's number, as a shell
+# reports a process that the signal ended.
+STOP_SIGNALS = {
+    signal.SIGINT: 128 + signal.SIGINT,  # 130: Ctrl-C
+    signal.SIGTERM: 128 + signal.SIGTERM,  # 143: kill, a scheduler's cancel
+    signal.SIGUSR1: 128 + signal.SIGUSR1,  # 138: SLURM's warning before a requeue
+}
+
+
+class StopSignals:
+    """While entered, SIGINT and SIGTERM stop the sweep as Tune stops it on SIGUSR1: the trials
+    are stopped and the experiment's state saved so that --resume continues it. Tune handles
+    SIGUSR1 itself (and SIGINT too, unless told not to, as here), not SIGTERM. A second signal
+    stops at once, without saving. `received`: the first signal, when one came."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+
+    def __enter__(self) -> StopSignals:
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # read when a Tuner fits
+        self.previous = {s: signal.signal(s, self.stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exception: object) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+    def stop(self, number: int, frame: Any) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = number
+        tune_stop = signal.getsignal(signal.SIGUSR1)
+        if callable(tune_stop):  # Tune's, installed while a Tuner fits
+            tune_stop(signal.SIGUSR1, frame)
+
+    def exit_status(self) -> int:
+        """The exit status of a stopped sweep: that of the signal received, else of SIGUSR1 (the
+        one Tune handles alone)."""
+        return STOP_SIGNALS[self.received or signal.SIGUSR1]

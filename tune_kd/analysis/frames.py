@@ -5,9 +5,10 @@ trial and epoch (`epochs_frame`). A trial's status is the first of these that ho
   last failure's message (from `error.txt`) is in the `error` column and the summary;
 - `diverged`: its last result says `diverged`;
 - `completed`: every planned epoch done, or Tune says TERMINATED (an ASHA stop included);
-- `pending`: no trial folder yet, whether or not Tune's runner state has an entry for it (a trial
-  Tune has queued has one);
-- `running`: anything else, also the unfinished trials of an interrupted experiment.
+- `pending`: no epoch reported, and no trial folder yet or Tune's runner state says PENDING (Tune
+  makes the folders of the trials it queues, and records them as PENDING until they start; a
+  stopped sweep's trials that never started stay so);
+- `running`: anything else, also the started, unfinished trials of a stopped experiment.
 """
 
 from __future__ import annotations
@@ -220,7 +221,7 @@ def trial_status(run: TrialRun, epochs_done: int, diverged: bool) -> str:
         return "diverged"
     if finished or run.state == "TERMINATED":
         return "completed"
-    if run.folder is None and epochs_done == 0:
+    if epochs_done == 0 and (run.folder is None or run.state == "PENDING"):
         return "pending"
     return "running"
 
