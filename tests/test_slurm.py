@@ -51,8 +51,14 @@ grid:
   lr: [0.05, 0.1]
 resources: {cpu: 1}
 """
+TEACHER_SPACE = (
+    SPACE.replace("method: student", "method: simkd\nteacher: resnet14")
+    .replace("grid:", "teacher_train: {epochs: 3, lr_decay_epochs: [2]}\ngrid:")
+    .replace("lr: [0.05, 0.1]", "lr: [0.05]")
+)
 TRIALS = ("trial_0000", "trial_0001")
-HOLD_THE_SECOND_TRIAL = {"trial_0001": {"epoch": 2, "kind": "hold", "times": 1, "wait": True}}
+HOLD = {"kind": "hold", "times": 1, "wait": True}
+HOLD_THE_SECOND_TRIAL = {"trial_0001": {"epoch": 2, **HOLD}}
 LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
 
 
@@ -223,10 +229,12 @@ def release_the_second_trial(sweep: Sweep) -> None:
     (sweep.root / "faults.log.trial_0001.go").touch()
 
 
-def check_completed(sweep: Sweep, restarts: int) -> None:
+def check_completed(
+    sweep: Sweep, restarts: int, trials: tuple[str, ...] = TRIALS, errors: tuple[str, ...] = ()
+) -> None:
     """The job ended COMPLETED after `restarts` requeues, each run with exit code 0 and its
     node's Ray drained and stopped; every trial finished once with epochs 1-3, each once; no
-    process of the job left."""
+    process of the job left. No error in the log but lines that contain one of `errors`."""
     try:
         job = sweep.cluster.wait_until_ended(sweep.job_id, restarts, timeout=600)
     except TimeoutError as error:
@@ -243,10 +251,11 @@ def check_completed(sweep: Sweep, restarts: int) -> None:
     requeue = re.compile(r".*\*\*\* JOB \d+ ON \S+ CANCELLED AT \S+ DUE TO JOB REQUEUE \*\*\*")
     others = [line for line in lines if not requeue.fullmatch(line)]
     assert len(lines) - len(others) <= restarts
+    others = [line for line in others if not any(error in line for error in errors)]
     for killed in ("Killed", "CANCELLED", "forcing job termination", "error:"):
         assert not [line for line in others if killed in line], log[-3000:]
-    assert "trials: 2 planned: 2 completed" in log
-    for trial in TRIALS:
+    assert f"trials: {len(trials)} planned: {len(trials)} completed" in log
+    for trial in trials:
         assert epochs_of(sweep.experiment / trial) == [1, 2, 3]
     assert not sweep.processes(), "processes of the job left after it ended"
 
@@ -295,6 +304,38 @@ def test_the_time_limit_after_the_sweep_ended_does_not_requeue(sweep):
     sweep.signal_time_limit()
     check_completed(sweep, restarts=0)
     assert "the sweep had ended: the job is not requeued" in sweep.log
+
+
+@pytest.mark.e2e
+def test_the_time_limit_while_the_teacher_trains_requeues_and_the_rerun_trains_it_again(sweep):
+    sweep.space.write_text(TEACHER_SPACE)
+    held = {"trial_0000": {"epoch": 2, **HOLD}}  # the teacher's trial, before its second epoch
+    sweep.env["TUNE_KD_TEST_FAULTS"] = json.dumps(held)
+    sweep.submit()
+    wait_for(lambda: "trial_0000 hold 2" in sweep.faults, "the teacher's second epoch")
+    sweep.signal_time_limit()
+    check_completed(sweep, restarts=1, trials=TRIALS[:1], errors=("training teacher resnet14",))
+    assert "resuming" not in sweep.log  # no plan was written before the teacher was ready
+    assert len(list((sweep.storage / "teachers").glob("resnet14_vanilla-*/ckpt_epoch_3.pth"))) == 1
+    starts = [line for line in sweep.faults if " start " in line]
+    assert starts == ["trial_0000 start 0"] * 3  # the teacher, the teacher again, the student
+
+
+@pytest.mark.e2e
+def test_the_time_limit_in_the_first_seconds_of_a_rerun_ends_the_job(sweep):
+    """A time limit within the signal's margin: each run would be requeued before it starts."""
+    release_the_second_trial(sweep)
+    sweep.submit()
+    wait_for(lambda: "Local node IP" in sweep.log, "Ray to start")
+    sweep.signal_time_limit()
+    wait_for(lambda: sweep.log.count("Local node IP") == 2, "the rerun's Ray to start")
+    sweep.signal_time_limit()
+    job = sweep.cluster.wait_until_ended(sweep.job_id, restarts=1, timeout=300)
+    assert (job["JobState"], job["ExitCode"]) == ("FAILED", "1:0"), sweep.log[-3000:]
+    assert "not requeued again" in sweep.log
+    assert sweep.log.count("Local node finished draining") == 2
+    assert not [line for line in sweep.faults if " start " in line]
+    assert not sweep.processes(), "processes of the job left after it ended"
 
 
 # ----------------------------------------------------------------------------- stand-ins
