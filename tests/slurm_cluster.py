@@ -75,6 +75,8 @@ PartitionName=test Nodes={node} Default=YES MaxTime=INFINITE State=UP
 
 @dataclass
 class Cluster:
+    """A running private SLURM: its folder and the environment its client commands need."""
+
     root: Path
     env: dict[str, str]  # this environment with SLURM_CONF naming the cluster's slurm.conf
 
@@ -100,7 +102,8 @@ class Cluster:
         return int(done.stdout.split(";")[0])
 
     def job(self, job_id: int) -> dict[str, str]:
-        """`scontrol show job`'s fields: JobState, ExitCode, DerivedExitCode, Restarts, ..."""
+        """`scontrol show job`'s fields: JobState, ExitCode, Restarts, ... (a run's
+        DerivedExitCode is in the job completion log, `root/log/jobcomp.txt`)."""
         line = self.command("scontrol", "show", "job", "--oneliner", str(job_id))
         return dict(part.split("=", 1) for part in line.split() if "=" in part)
 

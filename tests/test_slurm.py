@@ -1,12 +1,15 @@
 """cluster/slurm.sbatch, submitted with the real `sbatch` to a private one-node SLURM
 (tests/slurm_cluster.py), and on two "nodes" of stand-ins for what one machine cannot show.
 
-On the real SLURM (marker `e2e`): a sweep runs to its end; a job stopped by the time limit's
-signal (`scancel --signal=USR1 --batch`, what `--signal=B:USR1@..` does) in the middle of a
-trial, in its first seconds, or after its sweep ended is requeued, or not, and ends COMPLETED with
-every trial finished once, no epoch trained twice, each node's Ray stopped (drained, not killed)
-and no process of the job left. Each job's Ray listens on 127.0.0.1 only, in a temp folder and on
-ports of its own, so it never meets another Ray of this machine.
+On the real SLURM (marker `e2e`): a sweep runs to its end; the time limit's signal
+(`scancel --signal=USR1 --batch`, what `--signal=B:USR1@..` does) comes in the middle of a
+trial, in the job's first seconds, after the sweep ended, while the teacher trains, or in a
+rerun's first seconds again; an admin requeues the job in the middle of a trial. Each case checks
+the job's final state and exit code, that it was requeued or not, that every trial finished once
+with each epoch counted once, that each run drained its Ray rather than killing it (but where
+SLURM kills the run), and that no process of the job is left. Each job's Ray listens on
+127.0.0.1 only, in a temp folder and on ports of its own, so it never meets another Ray of this
+machine.
 
 With stand-ins (tests/fake_slurm: `sbatch`, `srun` and `scontrol` that start real Ray nodes
 here, each with its own temp folder and ports): a worker node joins the head, both are stopped,
@@ -31,6 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import psutil
 import pytest
 from slurm_cluster import Cluster, missing_daemons, private_slurm
@@ -75,15 +79,14 @@ def free_port() -> int:
 
 
 def processes_of(root: Path) -> list[psutil.Process]:
+    """Processes, but this one, whose command line or environment names `root`: a job's (its
+    Ray's temp folder and its fault log are in `root`)."""
     found = []
     for process in psutil.process_iter(["cmdline"]):
-        try:
-            if process.pid != os.getpid() and any(
-                str(root) in part for part in process.info["cmdline"] or []
-            ):
+        with contextlib.suppress(psutil.Error):
+            words = [*(process.info["cmdline"] or []), *process.environ().values()]
+            if process.pid != os.getpid() and any(str(root) in word for word in words):
                 found.append(process)
-        except psutil.Error:
-            continue
     return found
 
 
@@ -172,20 +175,9 @@ class Sweep:
         """What `#SBATCH --signal=B:USR1@300` does 300 s before the time limit."""
         self.cluster.command("scancel", "--signal=USR1", "--batch", str(self.job_id))
 
-    def processes(self) -> list[psutil.Process]:
-        """Processes of the job (by their SLURM_JOB_ID) or naming its folder, but this one."""
-        found = set(processes_of(self.root))
-        conf = self.cluster.env["SLURM_CONF"]
-        for process in psutil.process_iter():
-            with contextlib.suppress(psutil.Error):
-                env = process.environ()
-                if env.get("SLURM_JOB_ID") == str(self.job_id) and env.get("SLURM_CONF") == conf:
-                    found.add(process)
-        return sorted(found, key=lambda p: p.pid)
-
     def listening(self) -> set[str]:
         """The addresses the job's processes listen on now."""
-        pids = {p.pid for p in self.processes()}
+        pids = {p.pid for p in processes_of(self.root)}
         return {
             c.laddr.ip
             for c in psutil.net_connections(kind="inet")
@@ -201,7 +193,8 @@ class Sweep:
 @pytest.fixture
 def sweep(slurm, inject_faults, tmp_path) -> Iterator[Sweep]:
     """A sweep of two 3-epoch trials, one at a time, whose second trial is held before its
-    second epoch until the job is stopped (or, the hold's file given, forever)."""
+    second epoch until the job is stopped or the test releases it; a job still running at the
+    end is cancelled."""
     root = Path(tempfile.mkdtemp(prefix="tkd-job-", dir="/tmp"))  # short: Ray's socket paths
     (tmp_path / "tiny.yaml").write_text(SPACE)
     env = ray_environment(
@@ -215,11 +208,11 @@ def sweep(slurm, inject_faults, tmp_path) -> Iterator[Sweep]:
     try:
         yield job
     finally:
-        if job.job_id and slurm.job(job.job_id)["JobState"] not in {"COMPLETED", "FAILED"}:
-            slurm.command("scancel", str(job.job_id))
-            with contextlib.suppress(TimeoutError):
+        if job.job_id:
+            with contextlib.suppress(RuntimeError, TimeoutError):
+                slurm.command("scancel", str(job.job_id))
                 slurm.wait_until_ended(job.job_id, restarts=0, timeout=120)
-        for process in job.processes():
+        for process in processes_of(job.root):
             with contextlib.suppress(psutil.Error):
                 process.kill()
         shutil.rmtree(root, ignore_errors=True)
@@ -257,7 +250,7 @@ def check_completed(
     assert f"trials: {len(trials)} planned: {len(trials)} completed" in log
     for trial in trials:
         assert epochs_of(sweep.experiment / trial) == [1, 2, 3]
-    assert not sweep.processes(), "processes of the job left after it ended"
+    assert not processes_of(sweep.root), "processes of the job left after it ended"
 
 
 @pytest.mark.e2e
@@ -307,6 +300,23 @@ def test_the_time_limit_after_the_sweep_ended_does_not_requeue(sweep):
 
 
 @pytest.mark.e2e
+def test_an_admins_requeue_in_the_middle_of_a_trial_kills_the_run_and_the_rerun_resumes(sweep):
+    sweep.submit()
+    wait_for(lambda: "trial_0001 hold 2" in sweep.faults, "the second trial's second epoch")
+    sweep.cluster.command("scontrol", "requeue", str(sweep.job_id))  # SLURM ends the run itself
+    job = sweep.cluster.wait_until_ended(sweep.job_id, restarts=1, timeout=600)
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), sweep.log[-3000:]
+    assert f"resuming {sweep.experiment}" in sweep.log
+    results = sweep.experiment / "results"
+    assert set(pd.read_parquet(results / "trials.parquet")["status"]) == {"completed"}
+    epochs = pd.read_parquet(results / "epochs.parquet")
+    assert sorted(zip(epochs["trial_id"], epochs["epoch"])) == [
+        (trial, epoch) for trial in TRIALS for epoch in (1, 2, 3)
+    ]
+    assert not processes_of(sweep.root), "processes of the job left after it ended"
+
+
+@pytest.mark.e2e
 def test_the_time_limit_while_the_teacher_trains_requeues_and_the_rerun_trains_it_again(sweep):
     sweep.space.write_text(TEACHER_SPACE)
     held = {"trial_0000": {"epoch": 2, **HOLD}}  # the teacher's trial, before its second epoch
@@ -335,7 +345,7 @@ def test_the_time_limit_in_the_first_seconds_of_a_rerun_ends_the_job(sweep):
     assert "not requeued again" in sweep.log
     assert sweep.log.count("Local node finished draining") == 2
     assert not [line for line in sweep.faults if " start " in line]
-    assert not sweep.processes(), "processes of the job left after it ended"
+    assert not processes_of(sweep.root), "processes of the job left after it ended"
 
 
 # ----------------------------------------------------------------------------- stand-ins
