@@ -14,8 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import ROOT, result_lines
+from conftest import ROOT, result_lines
 
 pytestmark = pytest.mark.e2e
 

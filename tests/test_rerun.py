@@ -9,8 +9,7 @@ import sys
 
 import pytest
 import yaml
-
-from tests.conftest import ROOT, result_lines, sweep
+from conftest import ROOT, result_lines, sweep
 
 
 @pytest.mark.e2e
