@@ -169,7 +169,8 @@ class Sweep:
         deadline = time.monotonic() + 300
         while not condition():
             if time.monotonic() > deadline:
-                state = self.cluster.job(self.job_id)["JobState"]
+                job = self.cluster.job(self.job_id)
+                state = f"{job['JobState']} ({job['Reason']})"
                 pytest.fail(f"timed out waiting for {what}; job {state}, log: {self.log[-3000:]}")
             time.sleep(0.2)
 
