@@ -87,13 +87,6 @@ def processes_of(root: Path) -> list[psutil.Process]:
     return found
 
 
-def wait_for(condition: Callable[[], object], what: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
 def ray_environment(root: Path | None, **ports: int) -> dict[str, str]:
     """This environment without Ray's or SLURM's variables, plus the job's own Ray ports and
     temp folder (`root/ray`): `ray start` flags for `ports` it would otherwise take from a fixed
@@ -167,6 +160,16 @@ class Sweep:
     @property
     def experiment(self) -> Path:
         return self.storage / f"tiny-slurm{self.job_id}"  # the script's name for it
+
+    def wait_for(self, condition: Callable[[], object], what: str) -> None:
+        """Wait up to 5 minutes for `condition`; else fail with the job's state and log."""
+        deadline = time.monotonic() + 300
+        while not condition():
+            if time.monotonic() > deadline:
+                job = self.cluster.job(self.job_id)
+                state = f"{job['JobState']} ({job['Reason']})"
+                pytest.fail(f"timed out waiting for {what}; job {state}, log: {self.log[-3000:]}")
+            time.sleep(0.2)
 
     def signal_time_limit(self) -> None:
         """What `#SBATCH --signal=B:USR1@300` does 300 s before the time limit."""
@@ -253,7 +256,7 @@ def check_completed(
 def test_a_sweep_runs_to_its_end_with_ray_on_the_loopback_address(sweep):
     release_the_second_trial(sweep)
     sweep.submit()
-    wait_for(lambda: "trial_0000 start 0" in sweep.faults, "the first trial")
+    sweep.wait_for(lambda: "trial_0000 start 0" in sweep.faults, "the first trial")
     listening = sweep.listening()
     assert listening and listening <= LOOPBACK, listening
     check_completed(sweep, restarts=0)
@@ -263,7 +266,7 @@ def test_a_sweep_runs_to_its_end_with_ray_on_the_loopback_address(sweep):
 
 def test_the_time_limit_in_the_middle_of_a_trial_requeues_and_the_rerun_resumes(sweep):
     sweep.submit()
-    wait_for(lambda: "trial_0001 hold 2" in sweep.faults, "the second trial's second epoch")
+    sweep.wait_for(lambda: "trial_0001 hold 2" in sweep.faults, "the second trial's second epoch")
     sweep.signal_time_limit()
     check_completed(sweep, restarts=1)
     assert sweep.log.count("time limit near") == 1
@@ -275,7 +278,7 @@ def test_the_time_limit_in_the_middle_of_a_trial_requeues_and_the_rerun_resumes(
 def test_the_time_limit_in_the_first_seconds_requeues_and_the_rerun_starts_the_sweep(sweep):
     release_the_second_trial(sweep)
     sweep.submit()
-    wait_for(lambda: "Local node IP" in sweep.log, "Ray to start")
+    sweep.wait_for(lambda: "Local node IP" in sweep.log, "Ray to start")
     sweep.signal_time_limit()
     check_completed(sweep, restarts=1)
     assert sweep.log.count("time limit near") == 1 and "resuming" not in sweep.log
@@ -286,7 +289,7 @@ def test_the_time_limit_in_the_first_seconds_requeues_and_the_rerun_starts_the_s
 def test_the_time_limit_after_the_sweep_ended_does_not_requeue(sweep):
     release_the_second_trial(sweep)
     sweep.submit()
-    wait_for(lambda: "trials: 2 planned" in sweep.log, "the sweep's summary")
+    sweep.wait_for(lambda: "trials: 2 planned" in sweep.log, "the sweep's summary")
     sweep.signal_time_limit()
     check_completed(sweep, restarts=0)
     assert "the sweep had ended: the job is not requeued" in sweep.log
@@ -294,7 +297,7 @@ def test_the_time_limit_after_the_sweep_ended_does_not_requeue(sweep):
 
 def test_an_admins_requeue_in_the_middle_of_a_trial_kills_the_run_and_the_rerun_resumes(sweep):
     sweep.submit()
-    wait_for(lambda: "trial_0001 hold 2" in sweep.faults, "the second trial's second epoch")
+    sweep.wait_for(lambda: "trial_0001 hold 2" in sweep.faults, "the second trial's second epoch")
     sweep.cluster.command("scontrol", "requeue", str(sweep.job_id))  # SLURM ends the run itself
     job = sweep.cluster.wait_until_ended(sweep.job_id, restarts=1, timeout=600)
     assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), sweep.log[-3000:]
@@ -313,7 +316,7 @@ def test_the_time_limit_while_the_teacher_trains_requeues_and_the_rerun_trains_i
     held = {"trial_0000": {"epoch": 2, **HOLD}}  # the teacher's trial, before its second epoch
     sweep.env["TUNE_KD_TEST_FAULTS"] = json.dumps(held)
     sweep.submit()
-    wait_for(lambda: "trial_0000 hold 2" in sweep.faults, "the teacher's second epoch")
+    sweep.wait_for(lambda: "trial_0000 hold 2" in sweep.faults, "the teacher's second epoch")
     sweep.signal_time_limit()
     check_completed(sweep, restarts=1, trials=TRIALS[:1], errors=("training teacher resnet14",))
     assert "resuming" not in sweep.log  # no plan was written before the teacher was ready
@@ -326,9 +329,9 @@ def test_the_time_limit_in_the_first_seconds_of_a_rerun_ends_the_job(sweep):
     """A time limit within the signal's margin: each run would be requeued before it starts."""
     release_the_second_trial(sweep)
     sweep.submit()
-    wait_for(lambda: "Local node IP" in sweep.log, "Ray to start")
+    sweep.wait_for(lambda: "Local node IP" in sweep.log, "Ray to start")
     sweep.signal_time_limit()
-    wait_for(lambda: sweep.log.count("Local node IP") == 2, "the rerun's Ray to start")
+    sweep.wait_for(lambda: sweep.log.count("Local node IP") == 2, "the rerun's Ray to start")
     sweep.signal_time_limit()
     job = sweep.cluster.wait_until_ended(sweep.job_id, restarts=1, timeout=300)
     assert (job["JobState"], job["ExitCode"]) == ("FAILED", "1:0"), sweep.log[-3000:]
