@@ -30,7 +30,7 @@ from torchvision import transforms
 
 from tune_kd import models
 from tune_kd.data import CIFAR100_MEAN, CIFAR100_STD, Arrays
-from tune_kd.simkd import SimKD
+from tune_kd.distillers.simkd import SimKD
 from tune_kd.train import Run, train_one_epoch
 
 BATCH = 64

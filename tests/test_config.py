@@ -52,7 +52,7 @@ def refused(values: dict) -> ConfigError:
         ("momentum", [0.9], "expected a finite number, got [0.9]"),
         # choices
         ("dataset", "imagenet", "expected one of cifar100, cifar10, synthetic, got 'imagenet'"),
-        ("method", "fitnet", "expected one of student, kd, simkd, got 'fitnet'"),
+        ("method", "hinton", "expected one of kd, simkd, student, got 'hinton'"),
         ("loss", "huber", "expected one of l2, cosine, kl, got 'huber'"),
         ("intermediate_loss", "kl", "expected one of l2, cosine, got 'kl'"),
         ("projector", "every", "expected one of single, multi, all, got 'every'"),

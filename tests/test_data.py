@@ -566,13 +566,14 @@ def test_train_batches_cover_every_image_once_and_follow_the_plan():
     batches = list(device_data.train_batches(epoch=2, batch_size=32, seed=5))
 
     assert device_data.num_train_batches(32) == len(batches) == 4
-    assert [len(labels) for _, labels in batches] == [32, 32, 32, 7]  # last partial batch kept
-    images = torch.cat([x for x, _ in batches])
-    labels = torch.cat([y for _, y in batches])
+    assert [len(labels) for _, labels, _ in batches] == [32, 32, 32, 7]  # last partial one kept
+    images = torch.cat([x for x, _, _ in batches])
+    labels = torch.cat([y for _, y, _ in batches])
+    indices = torch.cat([i for _, _, i in batches])
     assert images.dtype == torch.float32 and labels.dtype == torch.int64
     assert images.shape == (103, 3, 32, 32)
     plan = data.epoch_plan(103, epoch=2, seed=5)
-    assert torch.equal(labels, plan.order)
+    assert torch.equal(labels, plan.order) and torch.equal(indices, plan.order)
     expected = data.augment(
         torch.from_numpy(arrays.train_images)[plan.order], plan.dx, plan.dy, plan.flip
     )
@@ -584,7 +585,7 @@ def test_train_batches_repeat_for_the_same_seed_and_epoch_only():
 
     def epoch(epoch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         batches = list(device_data.train_batches(epoch, batch_size=50, seed=seed))
-        return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+        return torch.cat([x for x, _, _ in batches]), torch.cat([y for _, y, _ in batches])
 
     first, again = epoch(1, seed=0), epoch(1, seed=0)
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
@@ -626,7 +627,7 @@ def test_cuda_batches_equal_cpu_batches_without_host_syncs():
         torch.cuda.set_sync_debug_mode("default")
     cpu_batches = list(cpu.train_batches(epoch=3, batch_size=64, seed=1))
     assert len(gpu_batches) == len(cpu_batches) == 5
-    for (gx, gy), (cx, cy) in zip(gpu_batches, cpu_batches, strict=True):
+    for (gx, gy, gi), (cx, cy, ci) in zip(gpu_batches, cpu_batches, strict=True):
         assert gx.device.type == "cuda"
         torch.testing.assert_close(gx.cpu(), cx)
-        assert torch.equal(gy.cpu(), cy)
+        assert torch.equal(gy.cpu(), cy) and torch.equal(gi.cpu(), ci)

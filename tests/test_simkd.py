@@ -11,7 +11,14 @@ from torch import nn
 
 from tune_kd import distillers, losses, models
 from tune_kd.config import Config, resolve
-from tune_kd.simkd import SimKD, align, classify, default_weights, make_projector, stage_pairs
+from tune_kd.distillers.simkd import (
+    SimKD,
+    align,
+    classify,
+    default_weights,
+    make_projector,
+    stage_pairs,
+)
 
 
 def convs(module: nn.Module) -> list[nn.Conv2d]:
@@ -149,7 +156,7 @@ def build(method: str, **keys) -> tuple[distillers.Distiller, distillers.Teacher
         Config(teacher="resnet14", student="resnet8", method=method, device="cpu", **keys)
     )
     teacher = distillers.Teacher(models.create("resnet14", 10))
-    return distillers.create(config, models.create("resnet8", 10), teacher), teacher
+    return distillers.create(config, models.create("resnet8", 10), [teacher]), teacher
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,14 +164,18 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
 
 
+def step_of(distiller, images, labels, out) -> distillers.StepOutput:
+    return distiller.train_step(distillers.Batch(images, labels, torch.arange(len(labels))), [out])
+
+
 def test_teacher_correct_only_leaves_misclassified_samples_out_of_distillation():
     distiller, teacher = build("simkd", teacher_correct_only=True)
     images, labels = batch()
-    out = teacher(images, labels, set(distiller.teacher_stages))
+    out = teacher(images, labels, set(distiller.teacher_features))
     labels = out.logits.argmax(1).clone()
     labels[:3] = (labels[:3] + 1) % 10  # the teacher is now wrong on three samples
-    out = teacher(images, labels, set(distiller.teacher_stages))
-    step = distiller.train_step(images, labels, out)
+    out = teacher(images, labels, set(distiller.teacher_features))
+    step = step_of(distiller, images, labels, out)
     assert step.kept.tolist() == [False] * 3 + [True] * 5
     features, _ = distiller.student(images, is_feat=True)
     projected, target, _ = distiller.projectors[0](features[3], out.features[3])
@@ -177,23 +188,23 @@ def test_kd_is_cross_entropy_plus_scaled_kl():
     distiller, teacher = build("kd")
     images, labels = batch()
     out = teacher(images, labels, set())
-    step = distiller.train_step(images, labels, out)
+    step = step_of(distiller, images, labels, out)
     logits = distiller.student(images)
     expected = F.cross_entropy(logits, labels) + losses.kl_divergence(logits, out.logits, 4).mean()
     assert step.loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert step.kept is None and not distiller.teacher_stages
+    assert step.kept is None and not distiller.teacher_features
 
 
 def test_simkd_trains_projectors_not_the_teacher_and_predicts_without_it():
     distiller, teacher = build("simkd", projector="multi")
-    assert len(distiller.projectors) == 2 and distiller.teacher_stages == {2, 3}
+    assert len(distiller.projectors) == 2 and distiller.teacher_features == {2, 3}
     names = {n.split(".")[0] for n, _ in distiller.named_parameters()}
     assert names == {"student", "projectors"}  # the teacher stays out of the optimizer
     distiller.eval()
     images, labels = batch()
     with torch.no_grad():
-        out = teacher(images, labels, set(distiller.teacher_stages))
-        trained = distiller.train_step(images, labels, out).logits
+        out = teacher(images, labels, set(distiller.teacher_features))
+        trained = step_of(distiller, images, labels, out).logits
         predicted = distiller.predict(images)
     assert torch.allclose(trained, predicted, atol=1e-6)
 
@@ -204,8 +215,8 @@ def test_simkd_trains_projectors_not_the_teacher_and_predicts_without_it():
 def test_multi_weighs_the_intermediate_projector_by_a_third(loss, intermediate):
     distiller, teacher = build("simkd", projector="multi", loss=loss)
     images, labels = batch()
-    out = teacher(images, labels, set(distiller.teacher_stages))
-    step = distiller.train_step(images, labels, out)
+    out = teacher(images, labels, set(distiller.teacher_features))
+    step = step_of(distiller, images, labels, out)
     features, _ = distiller.student(images, is_feat=True)
     first, first_t, _ = distiller.projectors[0](features[2], out.features[2])
     last, last_t, _ = distiller.projectors[1](features[3], out.features[3])
@@ -223,7 +234,7 @@ def test_all_places_one_projector_per_student_stage():
         Config(teacher="resnet32x4", student="MobileNetV2_1_0", projector="all", device="cpu")
     )
     teacher = distillers.Teacher(models.create("resnet32x4", 100))
-    distiller = distillers.create(config, models.create("MobileNetV2_1_0", 100), teacher)
+    distiller = distillers.create(config, models.create("MobileNetV2_1_0", 100), [teacher])
     assert distiller.pairs == [(1, 1), (2, 2), (3, 3), (4, 3)]
     assert [p.transfer[-3].out_channels for p in distiller.projectors] == [64, 128, 256, 256]
     assert distiller.weights == [0.25] * 4

@@ -87,6 +87,17 @@ def processes_of(root: Path) -> list[psutil.Process]:
     return found
 
 
+def still_running(root: Path, grace: float = 30) -> list[str]:
+    """The command lines of `root`'s processes still running `grace` seconds from now: Ray's
+    processes may take a few seconds to exit after `ray start` has stopped the node."""
+    _, alive = psutil.wait_procs(processes_of(root), timeout=grace)
+    lines = []
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            lines.append(" ".join(process.cmdline()))
+    return lines
+
+
 def ray_environment(root: Path | None, **ports: int) -> dict[str, str]:
     """This environment without Ray's or SLURM's variables, plus the job's own Ray ports and
     temp folder (`root/ray`): `ray start` flags for `ports` it would otherwise take from a fixed
@@ -399,7 +410,7 @@ def test_a_sweep_on_two_nodes_runs_stops_ray_and_resumes_after_a_requeue(allocat
     assert "1 node(s) joined" not in first
     assert first.count("Local node finished draining") == 2  # the worker's Ray, then the head's
     assert (root / "requeued").read_text() == "4242\n"
-    assert not processes_of(root), "Ray nodes left running after the job"
+    assert not still_running(root), "Ray nodes left running after the job"
     assert epochs_of(experiment / "trial_0000") == [1, 2, 3]
     assert epochs_of(experiment / "trial_0001") == [1]  # stopped before its end
     finished_before = (experiment / "trial_0000" / "result.json").read_text()
@@ -411,6 +422,6 @@ def test_a_sweep_on_two_nodes_runs_stops_ray_and_resumes_after_a_requeue(allocat
     assert (experiment / "trial_0000" / "result.json").read_text() == finished_before
     assert epochs_of(experiment / "trial_0001") == [1, 2, 3]
     assert "2 planned: 2 completed" in second
-    assert not processes_of(root), "Ray nodes left running after the job"
+    assert not still_running(root), "Ray nodes left running after the job"
     plan = json.loads((experiment / "tune_kd_plan.json").read_text())
     assert plan["planned"] == 2

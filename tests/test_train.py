@@ -50,7 +50,7 @@ def test_paper_recipe_is_the_default():
         5e-4,
         [150, 180, 210],
     )
-    assert config.ce_weight == 0.0 and config.kd_weight == 1.0  # SimKD: the feature loss alone
+    assert (config.ce_weight, config.kd_weight, config.feat_weight) == (0.0, 0.0, 1.0)
     for student in ("MobileNetV2", "MobileNetV2_1_0", "ShuffleV1", "ShuffleV2", "ShuffleV2_1_5"):
         assert resolve(Config(teacher="resnet32x4", student=student, device="cpu")).lr == 0.01
     assert resolve(Config(method="kd", teacher="resnet32x4", device="cpu")).ce_weight == 1.0

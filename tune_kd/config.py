@@ -19,13 +19,9 @@ from typing import Any
 
 import torch
 
-from tune_kd import models
+from tune_kd import distillers, models
 
 DATASETS = ("cifar100", "cifar10", "synthetic")
-METHODS = ("student", "kd", "simkd")
-LOSSES = ("l2", "cosine", "kl")
-PLACEMENTS = ("single", "multi", "all")
-PROJECTOR_DESIGNS = ("1x1", "1x1-1x1", "1x1-dw3x3-1x1", "1x1-3x3-1x1")
 PRECISIONS = ("auto", "bf16", "fp32")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 
@@ -72,21 +68,9 @@ SHARED_KEYS = tuple(
     )
 )
 
-# Keys without effect under a method: left out of a trial's labels so tables do not split on them,
-# and out of a teacher recipe's hash.
-UNUSED_BY_METHOD = {
-    "student": (
-        "teacher",
-        "teacher_checkpoint",
-        "loss",
-        "projector",
-        "projector_design",
-        "factor",
-        "teacher_correct_only",
-    ),
-    "kd": ("loss", "projector", "projector_design", "factor"),
-    "simkd": (),
-}
+# Keys without effect under each method: refused in its trials, left out of their labels so tables
+# do not split on them, and out of a teacher recipe's hash.
+UNUSED_BY_METHOD = {name: distillers.unused_keys(name) for name in distillers.names()}
 
 
 class ConfigError(ValueError):
@@ -107,8 +91,8 @@ def _list(default: list, help: str, **checks: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class Config:
-    """One training run. `None` means "chosen by `resolve`" where the help says so."""
+class _Keys:
+    """The keys every method shares; `Config` adds each method's own (`tune_kd.distillers`)."""
 
     # data
     dataset: str = _opt("cifar100", "cifar100, cifar10 or synthetic", choices=DATASETS)
@@ -123,22 +107,14 @@ class Config:
     synthetic_train_size: int = _opt(2000, "training images of the synthetic dataset", low=1)
     synthetic_test_size: int = _opt(500, "test images of the synthetic dataset", low=1)
     # models
-    teacher: str | None = _opt(None, "teacher architecture (kd and simkd)", model=True)
+    teacher: str | None = _opt(None, "teacher architecture (every method but student)", model=True)
     teacher_checkpoint: str | None = _opt(None, "teacher weights, RepDistiller/SimKD format")
     student: str = _opt("resnet8x4", "student architecture", model=True)
     # method
-    method: str = _opt("simkd", "student (cross-entropy only), kd or simkd", choices=METHODS)
-    loss: str = _opt("l2", "SimKD distillation loss: l2, cosine or kl", choices=LOSSES)
-    intermediate_loss: str | None = _opt(
-        None,
-        "loss of the projectors before the last (default: loss, l2 where loss is kl)",
-        choices=("l2", "cosine"),
-    )
-    projector: str = _opt("single", "projector placement: single, multi or all", choices=PLACEMENTS)
-    projector_design: str = _opt("1x1-3x3-1x1", "projector layers", choices=PROJECTOR_DESIGNS)
-    factor: int = _opt(2, "projector reduction ratio r", choices=(1, 2, 4, 8))
-    projector_weights: list[float] | None = _opt(
-        None, "loss weight per projector, first to last (default: 1; 1/3, 2/3; or equal)", low=0
+    method: str = _opt(
+        "simkd",
+        "training method: " + ", ".join(distillers.names()),
+        choices=distillers.names(),
     )
     teacher_correct_only: bool = _opt(
         False, "leave samples the teacher gets wrong out of distillation"
@@ -146,8 +122,15 @@ class Config:
     temperature: float = _opt(
         4.0, "softmax temperature T of the kd and kl losses", low=0, open_low=True
     )
-    ce_weight: float | None = _opt(None, "cross-entropy weight (default 1; 0 for simkd)", low=0)
-    kd_weight: float = _opt(1.0, "weight of the distillation term", low=0)
+    ce_weight: float | None = _opt(
+        None, "cross-entropy weight (default: the method's, 1; 0 for simkd)", low=0
+    )
+    kd_weight: float | None = _opt(
+        None, "weight of the KL term on the logits (default: the method's, 1; 0 for simkd)", low=0
+    )
+    feat_weight: float | None = _opt(
+        None, "weight of the method's own term (default: the method's, as in the paper)", low=0
+    )
     # optimisation: the paper's recipe
     epochs: int = _opt(240, "training epochs", low=1)
     batch_size: int = _opt(64, "mini-batch size", low=1)
@@ -207,14 +190,20 @@ class Config:
         return dataclasses.asdict(self)
 
     def replace(self, **changes: Any) -> Config:
-        return Config.from_dict({**self.to_dict(), **changes})
+        return self.from_dict({**self.to_dict(), **changes})
 
     def check_consistency(self) -> None:
         """Rules that involve more than one key."""
-        if self.method != "student" and self.teacher is None:
+        method = distillers.get(self.method)
+        if method.uses_teacher and self.teacher is None:
             raise ConfigError("teacher", f"method '{self.method}' needs a teacher architecture")
-        if self.method == "student" and self.teacher_correct_only:
-            raise ConfigError("teacher_correct_only", "needs method kd or simkd")
+        if self.teacher_correct_only and not (method.uses_teacher and method.per_sample):
+            able = [
+                name
+                for name in distillers.names()
+                if distillers.get(name).uses_teacher and distillers.get(name).per_sample
+            ]
+            raise ConfigError("teacher_correct_only", f"needs method {' or '.join(able)}")
         expected = {"single": 1, "multi": 2}.get(self.projector)
         if self.projector_weights is not None and expected not in (
             None,
@@ -234,6 +223,27 @@ class Config:
             )
 
 
+def _method_field(method: str, key: distillers.Key) -> tuple[str, Any, Any]:
+    help = f"{key.help} ({method})"
+    if isinstance(key.default, list):
+        spec = _list(key.default, help, **key.rules)
+    else:
+        spec = _opt(key.default, help, **key.rules)
+    return key.name, key.type, spec
+
+
+Config = dataclasses.make_dataclass(
+    "Config",
+    [_method_field(method, key) for method, key in distillers.method_keys()],
+    bases=(_Keys,),
+    frozen=True,
+    namespace={
+        "__doc__": """One training run: the shared keys and every method's own.
+    `None` means "chosen by `resolve`" where the help says so."""
+    },
+)
+Config.__module__ = __name__
+
 KEYS = tuple(f.name for f in dataclasses.fields(Config))
 _RULES = {f.name: f.metadata for f in dataclasses.fields(Config)}
 _TYPES = typing.get_type_hints(Config)
@@ -252,8 +262,9 @@ def resolve(config: Config) -> Config:
     if config.lr is None:
         low = models.family(config.student) in LOW_LR_FAMILIES
         changes["lr"] = 0.01 if low else 0.05
-    if config.ce_weight is None:
-        changes["ce_weight"] = 0.0 if config.method == "simkd" else 1.0
+    for weight, default in distillers.get(config.method).defaults.items():
+        if getattr(config, weight) is None:
+            changes[weight] = default
     device = config.device
     if device == "auto":
         device = changes["device"] = "cuda" if torch.cuda.is_available() else "cpu"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.utils.flop_counter
@@ -36,6 +37,9 @@ STUDENT_FLOPS_PER_SECOND = 1.084e9 / 19.73e-6  # ResNet-8x4's SimKD step, 55 TFL
 FUSED_FLOPS_PER_SECOND = 15 * 1.084e9 / 388.6e-6
 
 DATASET_SIZES = {"cifar100": 50_000, "cifar10": 50_000}
+# Training images a counted step's distiller keeps state for (a memory bank's rows): FLOPs per
+# image do not depend on it.
+COUNTED_TRAIN_IMAGES = 64
 
 
 def train_images(config: Config) -> int:
@@ -49,9 +53,7 @@ def _pass_flops(
     teacher: str | None,
     student: str,
     method: str,
-    projector: str,
-    design: str,
-    factor: int,
+    structure: tuple[tuple[str, Any], ...],
     classes: int,
 ) -> tuple[float, float]:
     config = resolve(
@@ -61,10 +63,8 @@ def _pass_flops(
             teacher=teacher,
             student=student,
             method=method,
-            projector=projector,
-            projector_design=design,
-            factor=factor,
             device="cpu",
+            **dict(structure),
         )
     )
     torch.manual_seed(0)
@@ -85,36 +85,31 @@ def one_thread() -> Iterator[None]:
 
 
 def _count(config: Config, teacher: str | None, student: str, classes: int) -> tuple[float, float]:
-    teacher_model = distillers.Teacher(models.create(teacher, classes)) if teacher else None
-    distiller = distillers.create(config, models.create(student, classes), teacher_model)
-    images, labels = torch.randn(2, 3, 32, 32), torch.arange(2) % classes
-    stages = set(distiller.teacher_stages)
+    teachers = [distillers.Teacher(models.create(teacher, classes))] if teacher else []
+    train_labels = torch.arange(COUNTED_TRAIN_IMAGES) % classes
+    distiller = distillers.create(config, models.create(student, classes), teachers, train_labels)
+    batch = distillers.Batch(torch.randn(2, 3, 32, 32), torch.arange(2) % classes, torch.arange(2))
+    features = set(distiller.teacher_features)
     with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
-        out = teacher_model(images, labels, stages) if distiller.uses_teacher else None
-    teacher_flops = counter.get_total_flops() / len(images)
+        outs = [t(batch.images, batch.labels, features) for t in teachers]
+    teacher_flops = counter.get_total_flops() / len(batch.images)
     with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
-        distiller.train_step(images, labels, out).loss.backward()
-    return teacher_flops, counter.get_total_flops() / len(images)
+        distiller.train_step(batch, outs).loss.backward()
+    return teacher_flops, counter.get_total_flops() / len(batch.images)
 
 
 def pass_flops(config: Config) -> tuple[float, float]:
     """FLOPs per training image of the teacher's forward and of the student's forward and
     backward, projectors included (counted with torch's FLOP counter on two CPU images)."""
-    teacher = config.teacher if config.method != "student" else None
-    return _pass_flops(
-        teacher,
-        config.student,
-        config.method,
-        config.projector,
-        config.projector_design,
-        config.factor,
-        config.num_classes,
-    )
+    method = distillers.get(config.method)
+    teacher = config.teacher if method.uses_teacher else None
+    structure = tuple((k, getattr(config, k)) for k in method.structure_keys)
+    return _pass_flops(teacher, config.student, config.method, structure, config.num_classes)
 
 
 def teacher_seconds(config: Config) -> float:
-    """Seconds per training image of the teacher's forward (none for `student`)."""
-    if config.method == "student":
+    """Seconds per training image of the teacher's forward (none for a method without one)."""
+    if not distillers.get(config.method).uses_teacher:
         return 0.0
     measured = TEACHER_FORWARD_SECONDS.get(config.teacher or "")
     return measured if measured is not None else pass_flops(config)[0] / TEACHER_FLOPS_PER_SECOND

@@ -482,7 +482,7 @@ class DeviceData:
         self.num_eval = len(arrays.eval_labels)
         # torch.tensor copies, which also keeps read-only arrays (Ray's object store) safe.
         self._train_images = torch.tensor(arrays.train_images, device=self.device)
-        self._train_labels = torch.tensor(arrays.train_labels, device=self.device)
+        self.train_labels = torch.tensor(arrays.train_labels, device=self.device)
         self._eval_images = torch.tensor(arrays.eval_images, device=self.device)
         self._eval_labels = torch.tensor(arrays.eval_labels, device=self.device)
         self._mean = torch.tensor(arrays.mean, dtype=torch.float32, device=self.device)
@@ -493,8 +493,9 @@ class DeviceData:
 
     def train_batches(
         self, epoch: int, batch_size: int, seed: int
-    ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Augmented, normalised float32 images [B, 3, 32, 32] and int64 labels, on the device.
+    ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """Augmented, normalised float32 images [B, 3, 32, 32], int64 labels and the images'
+        positions in the training set, on the device.
 
         The batches follow `epoch_plan(num_train, epoch, seed)`; the last one may be smaller.
         """
@@ -508,8 +509,8 @@ class DeviceData:
                 plan.dy[batch],
                 plan.flip[batch],
             )
-            labels = self._train_labels.index_select(0, index)
-            yield normalize(images, self._mean, self._std), labels
+            labels = self.train_labels.index_select(0, index)
+            yield normalize(images, self._mean, self._std), labels, index
 
     def eval_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
         """Normalised eval images and labels in their stored order, without augmentation."""

@@ -1,13 +1,13 @@
 """Students of one structure trained as one horizontally fused model.
 
 After HFTA (Wang et al., MLSys 2021, "Horizontally Fused Training Array"): the students of a group
-with equal `fusion_key` (architecture, method, projector) are stacked, parameter by parameter,
-into one model whose operators are G times wider, and trained with one forward, one backward and
-one SGD update per batch instead of G of each. `torch.func.vmap` over the distiller's `forward`
-does the fusing: the shared batch enters unbatched, so the first convolution becomes one
-convolution with G times the filters and the later ones grouped convolutions; batch norm runs over
-G x C channels with its running statistics stacked and updated in place; linear layers become
-batched matmuls.
+with equal `fusion_key` (architecture, method, the structure it trains) are stacked, parameter by
+parameter, into one model whose operators are G times wider, and trained with one forward, one
+backward and one SGD update per batch instead of G of each. `torch.func.vmap` over the
+distiller's `forward` does the fusing: the shared batch enters unbatched, so the first
+convolution becomes one convolution with G times the filters and the later ones grouped
+convolutions; batch norm runs over G x C channels with its running statistics stacked and updated
+in place; linear layers become batched matmuls.
 
 Everything else stays per student: each computes its own loss (l2, cosine, kl, its weights and
 `teacher_correct_only`) on its slice of the fused outputs, and the update uses its own learning
@@ -29,30 +29,36 @@ from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 from torch.utils._pytree import tree_map
 
+from tune_kd import distillers
 from tune_kd.config import Config
-from tune_kd.distillers import StepOutput, TeacherOutput
+from tune_kd.distillers import Batch, StepOutput, TeacherOutput
 from tune_kd.member import Member
 
 
-def fusion_key(config: Config) -> tuple:
-    """Students with equal keys have parameters of the same names and shapes, the same update rule,
-    and gradients for the same parameters (a SimKD student without cross-entropy leaves its own
-    classifier untouched), so they can be stacked. Learning rate, schedule, momentum, weight decay
-    and every other loss key may differ."""
-    projector = (
-        (config.projector, config.projector_design, config.factor)
-        if config.method == "simkd"
-        else ()
+def fusion_key(config: Config) -> tuple | None:
+    """Students with equal keys have parameters of the same names and shapes (the method's
+    `structure_keys` fix them), the same update rule, and gradients for the same parameters (a
+    student without cross-entropy or KL on its logits, as in SimKD, leaves its own classifier
+    untouched), so they can be stacked. Learning rate, schedule, momentum, weight decay and every
+    other loss key may differ. None for a method whose students cannot be fused."""
+    if not distillers.get(config.method).fusable:
+        return None
+    own_logits = bool(config.ce_weight) or bool(config.kd_weight)
+    return (
+        config.student,
+        config.method,
+        *distillers.structure(config),
+        own_logits,
+        config.nesterov,
     )
-    return (config.student, config.method, *projector, bool(config.ce_weight), config.nesterov)
 
 
 def partition(configs: Sequence[Config]) -> list[list[int]]:
     """The positions of `configs` in sub-groups of equal `fusion_key`, in order of first
-    appearance."""
+    appearance; a student that cannot be fused is a sub-group of its own."""
     parts: dict[tuple, list[int]] = {}
     for i, config in enumerate(configs):
-        parts.setdefault(fusion_key(config), []).append(i)
+        parts.setdefault(fusion_key(config) or ("alone", i), []).append(i)
     return list(parts.values())
 
 
@@ -106,20 +112,21 @@ class FusedGroup:
 
     def step(
         self,
-        images: Tensor,
-        labels: Tensor,
-        teacher: TeacherOutput | None,
+        batch: Batch,
+        teachers: Sequence[TeacherOutput],
         autocast: Callable[[], Any],
     ) -> list[StepOutput]:
         """One training step of every student: fused forward, per-student losses, one backward
         of their sum (each student's gradient is its own loss's) and one fused SGD update."""
         with autocast():
-            fused = vmap(self._forward, in_dims=(0, 0, None))(self.params, self.buffers, images)
+            fused = vmap(self._forward, in_dims=(0, 0, None))(
+                self.params, self.buffers, batch.images
+            )
         outputs = []
         for i, m in enumerate(self.members):
             own = tree_map(lambda t, i=i: t[i], fused)  # this student's slice of every output
             with autocast():
-                outputs.append(m.distiller.loss(own, labels, teacher))
+                outputs.append(m.distiller.loss(own, batch, teachers))
         self.clear_grads()
         torch.stack([out.loss for out in outputs]).sum().backward()
         self._sgd()

@@ -55,13 +55,20 @@ def to_device(model: nn.Module, config: Config, device: torch.device) -> nn.Modu
 
 
 def build_member(
-    config: Config, teacher: distillers.Teacher | None, num_classes: int, device: torch.device
+    config: Config,
+    teachers: Sequence[distillers.Teacher],
+    train_labels: Tensor,
+    num_classes: int,
+    device: torch.device,
 ) -> Member:
     """A student, its distiller and its optimizer. Seeded by the config alone, so a student
-    starts from the same weights whether it trains alone or in a group."""
+    starts from the same weights whether it trains alone or in a group. `teachers`: those of the
+    run, which the student distils from when its method uses a teacher."""
     torch.manual_seed(config.seed)
     student = to_device(models.create(config.student, num_classes=num_classes), config, device)
-    distiller = distillers.create(config, student, teacher).to(device)
+    method = distillers.get(config.method)
+    own_teachers = teachers if method.uses_teacher else ()
+    distiller = distillers.create(config, student, own_teachers, train_labels).to(device)
     if config.channels_last:
         distiller = distiller.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import yaml
 
-from tune_kd import models
+from tune_kd import distillers, models
 from tune_kd.cli import first_line
 from tune_kd.config import (
     DATA_KEYS,
@@ -74,7 +74,7 @@ def needed(configs: Sequence[Config], checkpoints: Any, recipe: Any) -> list[Tea
     found: dict[str, TeacherNeed] = {}
     needs: list[TeacherNeed | None] = []
     for config in configs:
-        if config.method == "student":
+        if not distillers.get(config.method).uses_teacher:
             needs.append(None)
             continue
         checkpoint = config.teacher_checkpoint or paths.get(config.teacher)

@@ -79,8 +79,9 @@ def load_data(config: Config) -> datasets.Arrays:
 def build_teacher(
     config: Config, num_classes: int, device: torch.device, state_dict: Mapping | None = None
 ) -> distillers.Teacher | None:
-    """The frozen teacher: from `state_dict` when given (a sweep shares it), else its checkpoint."""
-    if config.method == "student":
+    """The frozen teacher: from `state_dict` when given (a sweep shares it), else its checkpoint;
+    None where `config`'s method uses no teacher."""
+    if not distillers.get(config.method).uses_teacher:
         return None
     if state_dict is not None:
         model = models.create(config.teacher, num_classes=num_classes)
@@ -112,16 +113,18 @@ def train_one_epoch(run: Run, epoch: int) -> float:
             group["lr"] = learning_rate(m.config, epoch)
         # zeroed in place: a captured step adds to this very tensor
         m.sums = torch.zeros(4, device=run.device) if m.sums is None else m.sums.zero_()
-    step = TrainStep(members, run.fused_groups(members), run.teacher, run.autocast)
+        m.distiller.start_epoch(epoch)
+    step = TrainStep(members, run.fused_groups(members), run.teachers, run.autocast)
     shared = run.shared
+    capturable = shared.cuda_graphs and all(m.distiller.capturable for m in members)
     start = time.perf_counter()
-    for images, labels in run.batches(epoch):
+    for batch in run.batches(epoch):
         if shared.compile == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are free
-        if shared.cuda_graphs and len(labels) == shared.batch_size:
-            run.captured_step(step, images, labels).replay(images, labels)
+        if capturable and len(batch.labels) == shared.batch_size:
+            run.captured_step(step, batch).replay(batch)
         else:
-            step(images, labels)
+            step(batch)
     step.finish()
     _synchronize(run.device)
     return time.perf_counter() - start
@@ -130,7 +133,7 @@ def train_one_epoch(run: Run, epoch: int) -> float:
 class TrainStep:
     """Trains every student of `members` one optimizer step on one batch, sharing one teacher
     pass: the students of each of `fused_groups` at once (`tune_kd.fused`), the others one after
-    another.
+    another. Students whose method takes full batches only skip a shorter last batch.
 
     Made at the start of an epoch, when the fused groups load their students' state; `finish`
     writes it back at the end."""
@@ -139,17 +142,18 @@ class TrainStep:
         self,
         members: list[Member],
         fused_groups: list[fused.FusedGroup],
-        teacher: distillers.Teacher | None,
+        teachers: Sequence[distillers.Teacher],
         autocast: Callable[[], contextlib.AbstractContextManager],
     ):
         self.members = members
         self.fused = fused_groups
-        self.teacher = teacher
+        self.teachers = teachers
         self.autocast = autocast
         in_fused = {id(m) for group in self.fused for m in group.members}
         self.sequential = [m for m in members if id(m) not in in_fused]
-        self.stages = set().union(*(m.distiller.teacher_stages for m in members))
+        self.features = set().union(*(m.distiller.teacher_features for m in members))
         self.needs_teacher = any(m.distiller.uses_teacher for m in members)
+        self.batch_size = members[0].config.batch_size
         for group in self.fused:
             group.pull()
 
@@ -158,20 +162,29 @@ class TrainStep:
         """What a captured step depends on: which students train, and at which learning rates."""
         return tuple((id(m), m.optimizer.param_groups[0]["lr"]) for m in self.members)
 
-    def __call__(self, images: Tensor, labels: Tensor) -> None:
+    def __call__(self, batch: distillers.Batch) -> None:
         with self.autocast():
-            teacher_out = self.teacher(images, labels, self.stages) if self.needs_teacher else None
+            teacher_outs = (
+                [t(batch.images, batch.labels, self.features) for t in self.teachers]
+                if self.needs_teacher
+                else []
+            )
+        short = len(batch.labels) < self.batch_size
         for group in self.fused:
-            outputs = group.step(images, labels, teacher_out, self.autocast)
+            if short and group.template.full_batches_only:
+                continue
+            outputs = group.step(batch, teacher_outs, self.autocast)
             for m, out in zip(group.members, outputs):
-                m.sums += _step_sums(out, labels)
+                m.sums += _step_sums(out, batch.labels)
         for m in self.sequential:
+            if short and m.distiller.full_batches_only:
+                continue
             with self.autocast():
-                out = m.distiller.train_step(images, labels, teacher_out)
+                out = m.distiller.train_step(batch, teacher_outs)
             m.clear_grads()
             out.loss.backward()
             m.optimizer.step()
-            m.sums += _step_sums(out, labels)
+            m.sums += _step_sums(out, batch.labels)
 
     def finish(self) -> None:
         """Write the fused groups' state back into their students."""
@@ -202,24 +215,28 @@ class CapturedStep:
     goes exactly as the same steps without the graph.
     """
 
-    def __init__(self, step: TrainStep, images: Tensor, labels: Tensor):
+    def __init__(self, step: TrainStep, batch: distillers.Batch):
         self.key = step.key
-        self.images, self.labels = images.clone(), labels.clone()
+        self.batch = distillers.Batch(
+            batch.images.clone(), batch.labels.clone(), batch.indices.clone()
+        )
+        device = batch.images.device
         saved = step.snapshot()
-        side = torch.cuda.Stream(images.device)
-        side.wait_stream(torch.cuda.current_stream(images.device))
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(3):
-                step(self.images, self.labels)
-        torch.cuda.current_stream(images.device).wait_stream(side)
+                step(self.batch)
+        torch.cuda.current_stream(device).wait_stream(side)
         step.restore(saved)  # backward allocates the gradients in the graph's pool
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            step(self.images, self.labels)
+            step(self.batch)
 
-    def replay(self, images: Tensor, labels: Tensor) -> None:
-        self.images.copy_(images)
-        self.labels.copy_(labels)
+    def replay(self, batch: distillers.Batch) -> None:
+        self.batch.images.copy_(batch.images)
+        self.batch.labels.copy_(batch.labels)
+        self.batch.indices.copy_(batch.indices)
         self.graph.replay()
 
 
@@ -285,9 +302,17 @@ class Run:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self.data = datasets.DeviceData(load_data(shared) if data is None else data, self.device)
-        self.teacher = build_teacher(shared, self.data.num_classes, self.device, teacher_state)
+        distilling = [c for c in self.configs if distillers.get(c.method).uses_teacher]
+        self.teacher = (
+            build_teacher(distilling[0], self.data.num_classes, self.device, teacher_state)
+            if distilling
+            else None
+        )
         self.members = [
-            build_member(c, self.teacher, self.data.num_classes, self.device) for c in self.configs
+            build_member(
+                c, self.teachers, self.data.train_labels, self.data.num_classes, self.device
+            )
+            for c in self.configs
         ]
         if shared.compile != "off":
             for m in self.members:
@@ -298,6 +323,11 @@ class Run:
         self._captured: CapturedStep | None = None
         self._fused: dict[tuple[int, ...], fused.FusedGroup] = {}
         self.teacher_test_acc = evaluate_teacher(self)
+
+    @property
+    def teachers(self) -> list[distillers.Teacher]:
+        """The teachers its students distil from (none, or the one)."""
+        return [] if self.teacher is None else [self.teacher]
 
     @property
     def shared(self) -> Config:
@@ -312,11 +342,11 @@ class Run:
             return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=cache)
         return contextlib.nullcontext()
 
-    def captured_step(self, step: TrainStep, images: Tensor, labels: Tensor) -> CapturedStep:
+    def captured_step(self, step: TrainStep, batch: distillers.Batch) -> CapturedStep:
         """The CUDA graph of `step`, captured again when the students or their lrs change."""
         if self._captured is None or self._captured.key != step.key:
             self._captured = None  # free the old graph's memory first
-            self._captured = CapturedStep(step, images, labels)
+            self._captured = CapturedStep(step, batch)
         return self._captured
 
     def fused_groups(self, members: list[Member]) -> list[fused.FusedGroup]:
@@ -342,10 +372,12 @@ class Run:
     def done(self) -> bool:
         return self.epoch >= self.shared.epochs or not self.active_members
 
-    def batches(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+    def batches(self, epoch: int) -> Iterator[distillers.Batch]:
         shared = self.shared
-        for images, labels in self.data.train_batches(epoch, shared.batch_size, shared.seed):
-            yield self._format(images), labels
+        for images, labels, indices in self.data.train_batches(
+            epoch, shared.batch_size, shared.seed
+        ):
+            yield distillers.Batch(self._format(images), labels, indices)
 
     def eval_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         for images, labels in self.data.eval_batches(self.shared.eval_batch_size):
@@ -569,7 +601,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, Space | None]:
         space = spaces.load(args.config, values)
         values = space.single_trial()
     config = resolve(Config.from_dict(values))
-    if config.method != "student" and config.teacher_checkpoint is not None:
+    if distillers.get(config.method).uses_teacher and config.teacher_checkpoint is not None:
         from tune_kd import teachers
 
         teachers.check_checkpoint(
