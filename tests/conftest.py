@@ -136,3 +136,18 @@ def result_lines(trial: Path) -> list[dict]:
 def epochs_of(trial: Path) -> list[int]:
     """The epochs a trial's folder reports, in the order they were written."""
     return [line["epoch"] for line in result_lines(trial)]
+
+
+GOLDEN = Path(__file__).parent / "golden" / "methods.json"
+
+
+def golden_cases(method: str) -> list[dict]:
+    """The cases of `method` in the golden fixture (tests/golden/README.md): losses and gradients
+    computed by the authors' code on small float64 inputs."""
+    return [c for c in json.loads(GOLDEN.read_text())["cases"] if c["method"] == method]
+
+
+def golden_tensor(entry: Mapping) -> torch.Tensor:
+    """One tensor of the golden fixture."""
+    dtype = {"float64": torch.float64, "int64": torch.int64}[entry["dtype"]]
+    return torch.tensor(entry["values"], dtype=dtype).reshape(entry["shape"])
