@@ -87,3 +87,16 @@ def test_optuna_samples_its_ranges():
     assert loaded.search.algorithm == "optuna" and loaded.planned == 24
     assert loaded.search.ranges["lr"] == space.Range("loguniform", (0.001, 0.2))
     assert loaded.scheduler == space.Scheduler("asha", grace_period=155, reduction_factor=3.0)
+
+
+def test_a_key_no_trial_s_method_reads_is_refused(tmp_path):
+    """A method's own key given where no trial runs that method has no effect: refused, naming it.
+    A key that some trial's method reads is accepted beside methods that do not."""
+    file = tmp_path / "kd.yaml"
+    file.write_text("teacher: resnet14\nteacher_train: {}\nmethod: kd\nprojector: multi\n")
+    with pytest.raises(space.SpaceError, match="'projector': has no effect under method kd"):
+        space.load(file)
+    file.write_text(
+        "teacher: resnet14\nteacher_train: {}\ngrid: {method: [kd, simkd]}\nprojector: multi\n"
+    )
+    assert {t.config.projector for t in space.load(file).trials} == {"multi"}
