@@ -4,7 +4,7 @@ loop does not care which one it runs. `create(config, student, teachers)` builds
 `config.method` names; `names()` lists them.
 """
 
-from tune_kd.distillers import kd, simkd, student  # noqa: F401  (registers the methods)
+from tune_kd.distillers import dkd, kd, semckd, simkd, srrl, student  # noqa: F401  (registers the methods)
 from tune_kd.distillers.base import (
     DISTILLATION_KEYS,
     Batch,
