@@ -4,7 +4,15 @@ loop does not care which one it runs. `create(config, student, teachers)` builds
 `config.method` names; `names()` lists them.
 """
 
-from tune_kd.distillers import crd, kd, simkd, student  # noqa: F401  (registers the methods)
+from tune_kd.distillers import (  # noqa: F401  (registers the methods)
+    crd,
+    dkd,
+    kd,
+    semckd,
+    simkd,
+    srrl,
+    student,
+)
 from tune_kd.distillers.base import (
     DISTILLATION_KEYS,
     Batch,
