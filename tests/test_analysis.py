@@ -394,7 +394,38 @@ def test_published_table_holds_the_seed_numbers():
     assert (simkd.iloc[0]["mean"], simkd.iloc[0]["std"], simkd.iloc[0]["n"]) == (75.43, 0.26, 4)
     designs = published.loc[published["table"] == "Table 5", "projector_design"]
     assert list(designs) == ["1x1", "1x1-1x1", "1x1-dw3x3-1x1", "1x1-3x3-1x1"]
-    assert set(published["method"]) == {"student", "kd", "simkd", "teacher"}
+    assert set(published["method"]) == {"student", "teacher", *PAPER_METHODS, "dkd"}
+
+
+PAPER_METHODS = ("kd", "fitnet", "at", "sp", "vid", "crd", "srrl", "semckd", "simkd")
+
+
+def test_published_table_holds_every_method_of_tables_1_and_2_and_dkd():
+    published = analysis.published_numbers()
+    paper = published[published["table"].isin(["Table 1", "Table 2"])]
+    for method in PAPER_METHODS:
+        rows = paper[paper["method"] == method]
+        assert len(rows) == 14 and (rows["n"] == 4).all() and rows["std"].notna().all(), method
+        assert len(rows[["table", "teacher", "student"]].drop_duplicates()) == 14, method
+    pairs = {
+        m: set(zip(*(paper.loc[paper["method"] == m, k] for k in ("table", "teacher", "student"))))
+        for m in PAPER_METHODS
+    }
+    assert all(p == pairs["kd"] for p in pairs.values())
+    crd = paper[(paper["method"] == "crd") & (paper["student"] == "ShuffleV2")]
+    assert list(zip(crd["table"], crd["mean"], crd["std"])) == [
+        ("Table 1", 77.04, 0.61),
+        ("Table 2", 76.67, 0.27),
+    ]
+    keys = ["source", "table", "teacher", "student", "method", "loss", "projector", "lr"]
+    keys += ["projector_design", "teacher_correct_only"]
+    assert not published.duplicated(keys).any()
+    dkd = published[published["method"] == "dkd"]
+    assert len(dkd) == 11 and dkd["std"].isna().all() and dkd["note"].notna().all()
+    assert dkd["source"].str.contains("DKD").all()
+    assert published.loc[published["method"] != "dkd", "note"].isna().all()
+    shufflev2 = dkd[(dkd["teacher"] == "resnet32x4") & (dkd["student"] == "ShuffleV2")]
+    assert shufflev2["mean"].item() == 77.07
 
 
 def test_format_accuracy():
