@@ -845,7 +845,10 @@ def test_method_tables_hold_each_pairs_methods_against_the_published():
     assert (second.loc["kd", "published"], second.loc["kd", "difference"]) == ("-", "-")
     printed = analysis.format_method_tables(summary)
     assert "resnet56 → resnet20, dkd (DKD paper" in printed and "beta 2" in printed
-    assert analysis.method_tables(analysis.summarize(method_trials().query("method == 'kd'"))) == {}
+    one_pair = method_trials().query("teacher == 'resnet56'")
+    assert list(analysis.method_tables(analysis.summarize(one_pair))) == ["resnet56 → resnet20"]
+    one_method = one_pair.query("method == 'kd'")
+    assert analysis.method_tables(analysis.summarize(one_method)) == {}
 
 
 def test_methods_plot_marks_the_published_number_of_each_method_that_has_one():
@@ -862,7 +865,7 @@ def test_methods_plot_marks_the_published_number_of_each_method_that_has_one():
         assert list(marks.lines[0].get_ydata()) == list(below)
         assert list(marks.lines[0].get_xdata()) == list(cells.loc[known, "published_mean"])
     assert len(marks.lines[0].get_ydata()) == 1  # resnet56 -> resnet20: DKD's only
-    one_method = method_trials().query("method == 'kd'")
+    one_method = method_trials().query("method == 'kd' and teacher == 'resnet56'")
     assert analysis.plot_methods(one_method) is None
 
 

@@ -290,9 +290,9 @@ PUBLISHED_OFFSET = 0.35  # a published point sits this far below its method's ba
 def plot_methods(
     trials: pd.DataFrame, metric: str = "best", published: pd.DataFrame | None = None
 ) -> Figure | None:
-    """Per teacher/student pair with more than one method (`pair_methods`), each method's
-    accuracy as a bar with its std, the published number as a marker beside it, the teacher as a
-    vertical line; None without such a pair."""
+    """Per teacher/student pair of an experiment that compares methods or pairs (`pair_methods`),
+    each method's accuracy as a bar with its std, the published number as a marker beside it, the
+    teacher as a vertical line; None for one method on one pair."""
     return methods_figure(pair_methods(summarize(trials, metric, published)), metric)
 
 

@@ -5,8 +5,8 @@
 reads a Tune experiment (finished, still running or interrupted; a local folder or a storage URI)
 and writes into EXPERIMENT_DIR/results/: `trials.parquet` (one row per planned trial),
 `epochs.parquet` (one row per trial and epoch), `summary.md`/`.csv`/`.tex` (one row per grid
-cell), `methods.md` (where a teacher/student pair has more than one method: a table per pair of
-its methods against their published numbers) and the plots as PNG and SVG. The sweep calls
+cell), `methods.md` (where the experiment compares methods or teacher/student pairs: a table per
+pair of its methods against their published numbers) and the plots as PNG and SVG. The sweep calls
 `write_report` when it ends. Another analysis of the same experiment parses only the
 `result.json` files that changed since (see `parsed`) and draws the plots again only when what
 they are drawn from changed.
@@ -72,7 +72,7 @@ def write_report(location: str, out: str | None = None, metric: str = "best") ->
 
 def write_files(experiment: Experiment, summary: pd.DataFrame, metric: str, out: str) -> list[str]:
     """Both frames as parquet, the summary as markdown, CSV and LaTeX, the methods per pair as
-    markdown (where a pair has more than one), every plot as PNG and SVG;
+    markdown (where the experiment compares methods or pairs), every plot as PNG and SVG;
     returns where each file went. The plots are drawn again only where what they are drawn from
     changed since they were written (see `figure_key`)."""
     target = Storage(str(out))

@@ -197,19 +197,21 @@ PAIR_KEYS = ("teacher", "student", "method")
 
 
 def pair_methods(summary: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Per teacher/student pair (`teacher → student`) whose cells hold more than one method (the
-    student trained alone counts as one): its cells, in the order of `METHOD_ORDER`, each labelled
-    in `row` by its method and the keys that tell apart cells of the same method."""
+    """Per teacher/student pair (`teacher → student`) of a summary that compares methods or pairs
+    (more than one combination of teacher, student and method; the student trained alone is the
+    method `student` of every pair with its student): the pair's cells, in the order of
+    `METHOD_ORDER`, each labelled in `row` by its method and the keys that tell apart cells of the
+    same method. None for a summary of one method on one pair."""
     if not set(PAIR_KEYS) <= set(summary.columns):
         return {}
+    if len(summary[list(PAIR_KEYS)].drop_duplicates()) < 2:
+        return {}
     pairs = summary.loc[summary["teacher"].notna(), ["teacher", "student"]].drop_duplicates()
-    alone = summary["method"].eq("student")
+    alone = summary["method"].eq("student") & summary["teacher"].isna()
     found = {}
     for teacher, student in pairs.itertuples(index=False):
-        ours = summary["teacher"].eq(teacher) | (alone & summary["teacher"].isna())
-        cells = summary[ours & summary["student"].eq(student)]
-        if cells["method"].nunique() > 1:
-            found[f"{teacher} → {student}"] = labelled_by_method(cells)
+        cells = summary[(summary["teacher"].eq(teacher) | alone) & summary["student"].eq(student)]
+        found[f"{teacher} → {student}"] = labelled_by_method(cells)
     return found
 
 
@@ -283,7 +285,7 @@ def method_notes(summary: pd.DataFrame) -> list[str]:
 
 def format_method_tables(summary: pd.DataFrame, metric: str = "best") -> str:
     """The terminal's `method_tables`, each under its pair, then the published numbers' notes;
-    empty when no pair has more than one method."""
+    empty without any (see `pair_methods`)."""
     tables = method_tables(summary)
     if not tables:
         return ""
@@ -296,7 +298,7 @@ def format_method_tables(summary: pd.DataFrame, metric: str = "best") -> str:
 
 def methods_markdown(summary: pd.DataFrame, metric: str, title: str) -> str:
     """`method_tables` as markdown, one section per pair, then the published numbers' notes;
-    empty when no pair has more than one method."""
+    empty without any (see `pair_methods`)."""
     tables = method_tables(summary)
     if not tables:
         return ""
