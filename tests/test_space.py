@@ -18,8 +18,9 @@ EXPECTED_TRIALS = {
     "study_multi_projector.yaml": 18,  # loss 2 x lr 3 x 3 seeds
     "study_all_projectors.yaml": 18,
     "study_teacher_correct.yaml": 18,
-    "paper_table1.yaml": 80,  # 7 pairs x (kd, simkd) x 4 seeds + 6 students x 4 seeds
-    "paper_table2.yaml": 84,  # 7 pairs x (kd, simkd) x 4 seeds + 7 students x 4 seeds
+    "paper_table1.yaml": 276,  # 7 pairs x 9 methods x 4 seeds + 6 students x 4 seeds
+    "paper_table2.yaml": 280,  # 7 pairs x 9 methods x 4 seeds + 7 students x 4 seeds
+    "paper_methods_dkd.yaml": 44,  # DKD on mdistiller's 11 CIFAR-100 pairs x 4 seeds
     "paper_projectors.yaml": 28,  # 4 designs x 4 seeds + r in {1, 4, 8} x 4 seeds
     "teachers.yaml": 3,
     "optuna_lr_wd.yaml": 24,
