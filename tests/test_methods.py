@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_fused import SMALL, assert_same_metrics, fused_steps, train_members  # noqa: F401
 
-from tune_kd import distillers, models
+from tune_kd import distillers, models, run
 from tune_kd.config import UNUSED_BY_METHOD
 from tune_kd.train import Run, main
 
@@ -103,3 +103,18 @@ def test_a_method_s_own_keys_are_refused_under_another(method, tiny, capsys):
     )
     error = capsys.readouterr().err
     assert f"'{first.name}': has no effect under method {other}" in error
+
+
+def test_the_dry_run_says_what_crd_needs_and_which_methods_do_not_fuse(tmp_path, capsys):
+    file = tmp_path / "methods.yaml"
+    file.write_text(
+        "teacher: resnet32x4\nteacher_train: {}\ngrid: {method: [crd, kd]}\n"
+        "group_students: true\nfuse_students: true\n"
+    )
+    assert run.main(["--dry-run", "--space", str(file), "--storage", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    gathered = 2 * 64 * 16385 * 128 * 4  # both sides' rows, fp32, kept for backward
+    banks = 2 * 50_000 * 128 * 4 + 64 * 50_000 * 4  # the banks and the sampler's keys
+    assert f"method crd: each trial needs about {(gathered + banks) / 2**30:.1f} GiB" in out
+    assert "method kd:" not in out
+    assert "not fused, trained one after another in their groups: crd\n" in out

@@ -238,6 +238,14 @@ class CRDDistiller(Distiller):
     needs_indices = True
     fusable = False  # per-student memory banks, updated by index
 
+    @classmethod
+    def extra_memory_bytes(cls, config: Config, train_images: int) -> int:
+        """The two memory banks and a step's gathered rows and sampler keys."""
+        banks = 2 * train_images * config.crd_feat_dim * 4
+        return banks + step_memory_bytes(
+            config.batch_size, config.nce_k, config.crd_feat_dim, train_images
+        )
+
     def __init__(
         self,
         student: nn.Module,
