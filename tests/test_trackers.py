@@ -1,18 +1,25 @@
 """Experiment trackers: a small sweep logs one MLflow run (a local folder store) and one offline W&B
-run per Tune trial, with the trial's grid values as configuration and tags and its epochs as
-metrics."""
+run per planned trial, also for students trained in a group, with the trial's grid values,
+configuration and `--set` values as parameters, its grid values as tags and its epochs as metrics;
+a tracker that cannot start is one line before anything is written."""
 
 from __future__ import annotations
 
 import ast
 import json
 import re
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import sweep
+
+from tune_kd import plan, run
+from tune_kd import space as spaces
+from tune_kd.space import SpaceError
+from tune_kd.storage import Storage
 
 mlflow = pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
 
@@ -59,79 +66,128 @@ def mlflow_runs(tmp_path: Path, experiment: str, monkeypatch) -> tuple[Any, list
 
 
 @pytest.mark.e2e
-def test_every_trial_is_one_tracker_run_with_its_grid_values(tmp_path, monkeypatch):
+@pytest.mark.parametrize("grouped", [False, True], ids=["alone", "grouped"])
+def test_every_planned_trial_is_one_tracker_run_with_its_values(tmp_path, monkeypatch, grouped):
     wandb = importlib_or_none("wandb")
     wandb_dir = tmp_path / "wandb"
     env = {**mlflow_env(tmp_path), "WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir)}
     args = ["--storage", str(tmp_path / "results"), "--name", "tracked", "--tracker", "mlflow"]
+    args += ["--set", "epochs=2", "--set", f"group_students={str(grouped).lower()}"]
     if wandb:
         args += ["--tracker", "wandb"]
     done = tracked_sweep(tmp_path, *args, env=env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    planned = json.loads((tmp_path / "results" / "tracked" / "tune_kd_plan.json").read_text())
+    assert len(planned["groups"]) == (2 if grouped else 4)  # a group per seed: Tune's trials
 
     client, runs = mlflow_runs(tmp_path, "tracked", monkeypatch)
     assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
-    cells = sorted((r.data.params["lr"], r.data.params["seed"]) for r in runs)
-    assert cells == [("0.05", "0"), ("0.05", "1"), ("0.1", "0"), ("0.1", "1")]
-    for run in runs:
-        tags = run.data.tags
-        assert (tags["lr"], tags["seed"]) == (run.data.params["lr"], run.data.params["seed"])
-        assert tags["cell"] == f"lr={run.data.params['lr']}"  # seeds of a cell share it
+    by_index = {int(r.data.params["index"]): r for r in runs}
+    assert sorted(by_index) == [t["index"] for t in planned["trials"]]
+    for trial in planned["trials"]:
+        run = by_index[trial["index"]]
+        params, tags = run.data.params, run.data.tags
+        assert run.info.run_name == f"trial_{trial['index']:04d}"
+        assert (params["lr"], params["seed"]) == (
+            str(trial["axes"]["lr"]),
+            str(trial["axes"]["seed"]),
+        )
+        assert params["epochs"] == "2" and params["group_students"] == str(grouped)  # --set
+        assert params["student"] == "resnet8"  # the rest of its configuration
+        assert (tags["lr"], tags["seed"]) == (params["lr"], params["seed"])
+        assert tags["cell"] == f"lr={params['lr']}"  # seeds of a cell share it
         history = client.get_metric_history(run.info.run_id, "test_acc")
-        assert sorted(m.step for m in history) == [1, 2]  # one point per epoch
+        assert sorted(m.step for m in history) == [1, 2]  # one point per epoch, its own
         assert {m.step for m in client.get_metric_history(run.info.run_id, "epoch")} == {1, 2}
+        assert not [key for key in run.data.metrics if key.startswith("members/")]
 
-    if wandb:  # offline runs: one per trial
+    if wandb:  # offline runs: one per planned trial
         offline = sorted(wandb_dir.glob("wandb/offline-run-*"))
         assert len(offline) == 4
+        seen = set()
         for folder in offline:
             log = (folder / "logs" / "debug.log").read_text()
             config = ast.literal_eval(re.search(r"^config: (.*)$", log, re.MULTILINE)[1])
+            seen.add(config["index"])
+            assert config["epochs"] == 2
             records = next(folder.glob("*.wandb")).read_bytes()  # W&B's own binary log
             for axis in ("lr", "seed"):
                 assert f"{axis}={config[axis]}".encode() in records  # the run's tags
             assert b"test_acc" in records
+        assert seen == set(by_index)
 
 
-@pytest.mark.e2e
-def test_a_group_of_students_is_one_run_with_each_students_metrics(tmp_path, monkeypatch):
-    done = tracked_sweep(
-        tmp_path,
-        "--storage",
-        str(tmp_path / "results"),
-        "--name",
-        "grouped",
-        "--set",
-        "group_students=true",
-        "--set",
-        "trackers=[mlflow]",
-        env=mlflow_env(tmp_path),
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    plan = json.loads((tmp_path / "results" / "grouped" / "tune_kd_plan.json").read_text())
-    client, runs = mlflow_runs(tmp_path, "grouped", monkeypatch)
-    assert len(runs) == len(plan["groups"]) == 2  # one run per Tune trial: a group per seed
-    for run in runs:
-        group = plan["groups"][int(run.data.params["index"])]
-        assert run.data.params["students"] == str(len(group)) and "lr" not in run.data.params
-        assert run.data.tags["seed"] == run.data.params["seed"]
-        for member in group:
-            history = client.get_metric_history(run.info.run_id, f"members/{member}/test_acc")
-            assert sorted(m.step for m in history) == [1, 2]
+def unused_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+CANNOT_START = {
+    "no MLflow store": (
+        ["--tracker", "mlflow"],
+        {"MLFLOW_TRACKING_URI": ""},
+        "MLFLOW_TRACKING_URI",
+    ),
+    "a file store not allowed": (
+        ["--tracker", "mlflow"],
+        {"MLFLOW_TRACKING_URI": "file:{tmp}/mlruns", "MLFLOW_ALLOW_FILE_STORE": ""},
+        "MLFLOW_ALLOW_FILE_STORE",
+    ),
+    "no MLflow server": (
+        ["--tracker", "mlflow"],
+        {"MLFLOW_TRACKING_URI": "http://127.0.0.1:{port}"},
+        "MLFLOW_TRACKING_URI=http://127.0.0.1:",
+    ),
+    "W&B online without a key": (
+        ["--tracker", "wandb"],
+        {"WANDB_MODE": "online", "WANDB_API_KEY": "", "HOME": "{tmp}", "WANDB_CONFIG_DIR": "{tmp}"},
+        "WANDB_API_KEY",
+    ),
+    "no such tracker": (["--set", "trackers=[tensorboard]"], {}, "expected one of mlflow, wandb"),
+}
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["sweep", "dry-run"])
+@pytest.mark.parametrize("case", list(CANNOT_START))
+def test_a_tracker_that_cannot_start_is_one_line_before_anything_starts(tmp_path, case, dry_run):
+    args, env, setting = CANNOT_START[case]
+    if case == "W&B online without a key":
+        pytest.importorskip("wandb", reason="the wandb extra is not installed")
+    env = {k: v.format(tmp=tmp_path, port=unused_port()) for k, v in env.items()}
+    args = [*args, "--storage", str(tmp_path / "results"), "--name", "tracked"]
+    for _ in range(2):  # the same command fails the same way again: nothing was left behind
+        done = tracked_sweep(tmp_path, *args, *(["--dry-run"] if dry_run else []), env=env)
+        assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-3000:]
+        assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
+        assert setting in done.stderr and "trackers" in done.stderr
+        assert not (tmp_path / "results").exists()
+        assert "Ray" not in done.stdout
 
 
 @pytest.mark.parametrize(
-    ("args", "env", "message"),
-    [
-        (["--tracker", "mlflow"], {"MLFLOW_TRACKING_URI": ""}, "mlflow needs MLFLOW_TRACKING_URI"),
-        (["--set", "trackers=[tensorboard]"], {}, "expected one of mlflow, wandb"),
-    ],
+    "started", [None, "trial_0001", "experiment_state-2026-01-01_00-00-00.json"]
 )
-def test_a_tracker_that_cannot_log_is_one_line_before_anything_starts(tmp_path, args, env, message):
-    done = tracked_sweep(tmp_path, *args, "--storage", str(tmp_path / "results"), env=env)
-    assert done.returncode == 2
-    assert done.stderr.count("\n") == 1 and message in done.stderr and "trackers" in done.stderr
-    assert not (tmp_path / "results").exists()
+def test_a_sweep_that_failed_before_its_first_trial_can_run_again(tmp_path, started):
+    space_file = tmp_path / "tracked.yaml"
+    space_file.write_text(SPACE)
+    storage = Storage(str(tmp_path / "results"))
+    experiment = tmp_path / "results" / "tracked"
+    experiment.mkdir(parents=True)
+    (experiment / "tuner.pkl").write_bytes(b"")  # Tune writes it before any trial starts
+    if started:  # a trial's folder, or Tune's saved state: --resume continues it
+        (experiment / started).mkdir()
+    (experiment / plan.PLAN_FILE).write_text("{}")
+
+    run.forget_unstarted(storage, "tracked")
+
+    args = run.get_args_parser().parse_args(["--space", str(space_file), "--name", "tracked"])
+    if started:
+        with pytest.raises(SpaceError, match="add --resume"):
+            run.experiment_name(args, spaces.load(space_file), storage)
+    else:
+        assert run.experiment_name(args, spaces.load(space_file), storage) == "tracked"
 
 
 def importlib_or_none(name: str):

@@ -32,6 +32,8 @@ DEFAULT_SPACE = Path("search_spaces/study_losses.yaml")
 # and those of a trial that ran to its end.
 UNFINISHED = ("running", "pending")
 FINISHED = ("completed", "diverged")
+# The files in which Tune saves an experiment's state, which --resume continues.
+TUNE_STATE_PREFIX = "experiment_state-"
 
 
 # ----------------------------------------------------------------------------- Ray
@@ -240,7 +242,7 @@ def unfinished_experiments(storage: Storage, space_name: str) -> list[str]:
         if planned.get("name") != space_name:
             continue
         files = experiment.fs.get_file_info(FileSelector(experiment.root))
-        saved = [f for f in files if f.base_name.startswith("experiment_state-")]
+        saved = [f for f in files if f.base_name.startswith(TUNE_STATE_PREFIX)]
         if not saved:  # stopped before Tune saved anything: nothing to continue
             continue
         trials = read_states(experiment, [f.base_name for f in saved], problems=[])
@@ -252,15 +254,34 @@ def unfinished_experiments(storage: Storage, space_name: str) -> list[str]:
     return [folder for _, folder in sorted(found)]
 
 
+def forget_unstarted(storage: Storage, name: str) -> None:
+    """Remove the plan of experiment `name` when none of its trials started (its folder holds no
+    trial folder and no state Tune saved), so that a sweep that failed before its first trial
+    runs again with the same command rather than ask for --resume, which has nothing to
+    continue."""
+    from pyarrow.fs import FileSelector
+
+    experiment = Storage(storage.uri_of(name))
+    entries = experiment.fs.get_file_info(FileSelector(experiment.root, allow_not_found=True))
+    started = [
+        e.base_name
+        for e in entries
+        if e.base_name.startswith((*plan.FOLDER_PREFIXES, TUNE_STATE_PREFIX))
+    ]
+    if not started and experiment.exists(plan.PLAN_FILE):
+        experiment.remove(plan.PLAN_FILE)
+
+
 def with_trackers(space: Space, added: Sequence[str]) -> Space:
-    """The space file's trackers and those of `--tracker`, each ready to log (else one line)."""
+    """The space file's trackers and those of `--tracker`, each able to start (else one line
+    naming the setting to change)."""
     names = list(dict.fromkeys([*space.trackers, *added]))
     if not names:
         return space
     from tune_kd import trackers
 
     for name in names:
-        problem = trackers.missing_setup(name)
+        problem = trackers.setup_problem(name)
         if problem:
             raise SpaceError(space.path, "trackers", problem)
     return dataclasses.replace(space, trackers=names)
@@ -347,7 +368,11 @@ def run_sweep(
         results = launcher.restore(space, name, states).fit()
     else:
         plan.write_plan(storage, name, space, space_text, overrides, launcher.resources)
-        results = launcher.tuner(space, name, states).fit()
+        try:
+            results = launcher.tuner(space, name, states).fit()
+        except BaseException:
+            forget_unstarted(storage, name)
+            raise
     trained = tuner.final_students(results, space)
     teachers.cache_finished([t.config for t in space.trials], trained, storage)
     report = report_results(storage, name)

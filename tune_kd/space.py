@@ -139,7 +139,8 @@ class Trial:
 @dataclass
 class Space:
     """A validated space file: its trials (a grid's every combination, or the one configuration
-    Optuna's samples complete), the teachers they need, and how the sweep runs them."""
+    Optuna's samples complete), the teachers they need, how the sweep runs them, and the `--set`
+    values it was loaded with."""
 
     path: Path
     name: str
@@ -153,6 +154,7 @@ class Space:
     metric: str
     group_students: bool
     trackers: list[str] = field(default_factory=list)
+    overrides: dict[str, Any] = field(default_factory=dict)
 
     def single_trial(self) -> dict[str, Any]:
         """The configuration of a file that describes exactly one run (for `tune_kd.train`)."""
@@ -249,9 +251,10 @@ def load_text(text: str, path: str | Path, overrides: Mapping[str, Any] | None =
     _check_size(path, raw)
     _check_size("--set", overrides or {})
     try:
-        return _parse(path, apply_overrides(raw, overrides or {}))
+        space = _parse(path, apply_overrides(raw, overrides or {}))
     except ConfigError as error:
         raise SpaceError(path, error.key, error.detail) from None
+    return dataclasses.replace(space, overrides=dict(overrides or {}))
 
 
 def _check_size(where: str | Path, document: Mapping[str, Any]) -> None:

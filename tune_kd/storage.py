@@ -68,6 +68,10 @@ class Storage:
             temporary.unlink(missing_ok=True)
             raise
 
+    def remove(self, *parts: str) -> None:
+        """Delete one file."""
+        self.fs.delete_file(self.path(*parts))
+
     def read(self, *parts: str) -> bytes:
         with self.fs.open_input_stream(self.path(*parts)) as f:
             return f.read()

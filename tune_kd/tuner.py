@@ -58,7 +58,7 @@ class Launcher:
 
         bound = tune.with_parameters(
             train_trial,
-            plan=[[member_params(t) for t in group] for group in space.groups],
+            plan=planned_members(space),
             base=space.sampling_base,
             data=self.data,
             teachers=teacher_states,
@@ -147,6 +147,11 @@ def final_students(results: Any, space: Space) -> list[bytes | None]:
 def member_params(trial: Trial) -> dict[str, Any]:
     """One student as the trainable receives it: plan index, axes and configuration."""
     return {"index": trial.index, "axes": trial.axes, "config": trial.config.to_dict()}
+
+
+def planned_members(space: Space) -> list[list[dict[str, Any]]]:
+    """The students of each planned Ray trial (`member_params`), in the order of `space.groups`."""
+    return [[member_params(t) for t in group] for group in space.groups]
 
 
 # ----------------------------------------------------------------------------- Tune's configuration
@@ -258,13 +263,21 @@ def progress_reporter(space: Space, location: str) -> Any:
 
 
 def tracker_callbacks(space: Space, experiment: str) -> list[Any]:
-    """Ray Tune's logger callbacks of the space's trackers (TensorBoard's is always on)."""
+    """Ray Tune's logger callbacks of the space's trackers, one run per planned trial
+    (TensorBoard's, one per Tune trial, is always on)."""
     if not space.trackers:
         return []
     from tune_kd import trackers
 
     axes = space.axes or list(space.search.ranges)  # a grid's axes, or Optuna's sampled keys
-    return trackers.callbacks(space.trackers, axes, experiment)
+    return trackers.callbacks(
+        space.trackers,
+        axes,
+        experiment,
+        students=planned_members(space),
+        base=space.sampling_base,
+        overrides=space.overrides,
+    )
 
 
 # ----------------------------------------------------------------------------- stopping a sweep
