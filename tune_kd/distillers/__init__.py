@@ -4,7 +4,7 @@ loop does not care which one it runs. `create(config, student, teachers)` builds
 `config.method` names; `names()` lists them.
 """
 
-from tune_kd.distillers import kd, simkd, student  # noqa: F401  (registers the methods)
+from tune_kd.distillers import at, fitnet, kd, simkd, sp, student, vid  # noqa: F401  (registers the methods)
 from tune_kd.distillers.base import (
     DISTILLATION_KEYS,
     Batch,
