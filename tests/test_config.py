@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tune_kd import config as configs
-from tune_kd import models
+from tune_kd import distillers, models
 from tune_kd.config import KEYS, Config, ConfigError, check_key, resolve, suggest
 
 # Enough to pass the rules across keys: a teacher for the default method, simkd.
@@ -52,7 +52,8 @@ def refused(values: dict) -> ConfigError:
         ("momentum", [0.9], "expected a finite number, got [0.9]"),
         # choices
         ("dataset", "imagenet", "expected one of cifar100, cifar10, synthetic, got 'imagenet'"),
-        ("method", "hinton", "expected one of kd, simkd, student, got 'hinton'"),
+        # every registered method, whichever are registered
+        ("method", "hinton", f"expected one of {', '.join(distillers.names())}, got 'hinton'"),
         ("loss", "huber", "expected one of l2, cosine, kl, got 'huber'"),
         ("intermediate_loss", "kl", "expected one of l2, cosine, got 'kl'"),
         ("projector", "every", "expected one of single, multi, all, got 'every'"),

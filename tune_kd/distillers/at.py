@@ -22,10 +22,10 @@ from tune_kd.distillers.base import (
     StepOutput,
     Teacher,
     TeacherOutput,
+    align,
     stage_shapes,
 )
 from tune_kd.distillers.registry import register
-from tune_kd.distillers.simkd import align
 
 if TYPE_CHECKING:
     from tune_kd.config import Config
