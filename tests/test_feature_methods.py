@@ -155,7 +155,8 @@ def test_vid_variance_starts_at_five():
 
 WEIGHTS = {"fitnet": 100.0, "at": 1000.0, "sp": 3000.0, "vid": 1.0}
 # (student, teacher): same family; VGG (four stages) from ResNet (three); MobileNetV2 from
-# ResNet50 (four stages each, of other sizes); ShuffleNet (stage 1 half the teacher's size).
+# ResNet50 (four stages each, of other sizes); FitNet's transposed and strided regressors: stage 1
+# of ShuffleV1 half resnet32x4's size, of resnet8x4 twice ShuffleV2's.
 PAIRS = [
     ("resnet8x4", "resnet32x4"),
     ("vgg8", "vgg13"),
