@@ -4,6 +4,7 @@
     python bench/step.py --teacher resnet38x2 --group 15 --paths ours   # + 15 sharing a teacher,
                                                 # one after another and as one fused model
     python bench/step.py --device cuda --train-size 50000 --compile reduce-overhead
+    python bench/step.py --paths ours --method crd   # another method (bench/methods.py: all)
 
 The reference path is written here the way the RepDistiller / official SimKD code feeds a GPU: a
 torchvision DataLoader with PIL RandomCrop / RandomHorizontalFlip / ToTensor / Normalize, fp32,
@@ -156,15 +157,18 @@ def reference_epochs(args: argparse.Namespace, arrays: Arrays, device: torch.dev
 
 
 def student_configs(args: argparse.Namespace, group: int, fuse: bool = True) -> list[dict]:
-    """`group` student-side cells of the study's first grid (loss x lr), one seed."""
-    cells = [
-        (loss, lr) for loss in ("l2", "cosine", "kl") for lr in (0.001, 0.005, 0.01, 0.05, 0.1)
-    ]
+    """`group` student-side cells of the study's first grid (loss x lr), one seed; for another
+    method than SimKD, its learning rates."""
+    rates = (0.001, 0.005, 0.01, 0.05, 0.1)
+    if args.method == "simkd":
+        cells = [{"loss": loss, "lr": lr} for loss in ("l2", "cosine", "kl") for lr in rates]
+    else:
+        cells = [{"lr": lr} for _ in range(3) for lr in rates]
     base = {
         "dataset": "cifar100",
         "teacher": args.teacher,
         "student": args.student,
-        "method": "simkd",
+        "method": args.method,
         "device": args.device,
         "precision": args.precision,
         "channels_last": args.channels_last,
@@ -175,7 +179,7 @@ def student_configs(args: argparse.Namespace, group: int, fuse: bool = True) -> 
         "seed": 0,
         "fuse_students": fuse,
     }
-    return [{**base, "loss": loss, "lr": lr} for loss, lr in cells[:group]]
+    return [{**base, **cell} for cell in cells[:group]]
 
 
 def our_run(args: argparse.Namespace, arrays: Arrays, group: int, fuse: bool = True) -> Run:
@@ -203,7 +207,17 @@ def our_epochs(args: argparse.Namespace, arrays: Arrays, group: int) -> list[dic
         rows.append({**row, "train_loss": first["train_loss"], "test_acc": first["test_acc"]})
     if device.type == "cuda":
         rows[-1]["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        rows[-1]["peak_rss_gib"] = peak_rss_bytes() / 2**30
     return rows
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (Linux), the CPU's measure of what a run needs."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def group_rounds(args: argparse.Namespace, arrays: Arrays) -> list[dict]:
@@ -262,6 +276,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", default="resnet32x4")
     parser.add_argument("--student", default="resnet8x4")
+    parser.add_argument("--method", default="simkd", help="the method of our path's students")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--train-size", type=int, default=BATCH * 20, help="images per epoch")
     parser.add_argument("--test-size", type=int, default=1000)
@@ -301,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": name,
         "teacher": args.teacher,
         "student": args.student,
+        "method": args.method,
         "precision": args.precision,
         "channels_last": args.channels_last,
         "compile": args.compile,

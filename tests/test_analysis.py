@@ -21,6 +21,7 @@ from nbclient import NotebookClient
 from tune_kd import analysis
 from tune_kd.analysis import read as read_module
 from tune_kd.analysis import report as report_module
+from tune_kd.analysis.plots import PUBLISHED_OFFSET
 from tune_kd.plan import PLAN_FILE
 
 EPOCHS = 4
@@ -394,7 +395,38 @@ def test_published_table_holds_the_seed_numbers():
     assert (simkd.iloc[0]["mean"], simkd.iloc[0]["std"], simkd.iloc[0]["n"]) == (75.43, 0.26, 4)
     designs = published.loc[published["table"] == "Table 5", "projector_design"]
     assert list(designs) == ["1x1", "1x1-1x1", "1x1-dw3x3-1x1", "1x1-3x3-1x1"]
-    assert set(published["method"]) == {"student", "kd", "simkd", "teacher"}
+    assert set(published["method"]) == {"student", "teacher", *PAPER_METHODS, "dkd"}
+
+
+PAPER_METHODS = ("kd", "fitnet", "at", "sp", "vid", "crd", "srrl", "semckd", "simkd")
+
+
+def test_published_table_holds_every_method_of_tables_1_and_2_and_dkd():
+    published = analysis.published_numbers()
+    paper = published[published["table"].isin(["Table 1", "Table 2"])]
+    for method in PAPER_METHODS:
+        rows = paper[paper["method"] == method]
+        assert len(rows) == 14 and (rows["n"] == 4).all() and rows["std"].notna().all(), method
+        assert len(rows[["table", "teacher", "student"]].drop_duplicates()) == 14, method
+    pairs = {
+        m: set(zip(*(paper.loc[paper["method"] == m, k] for k in ("table", "teacher", "student"))))
+        for m in PAPER_METHODS
+    }
+    assert all(p == pairs["kd"] for p in pairs.values())
+    crd = paper[(paper["method"] == "crd") & (paper["student"] == "ShuffleV2")]
+    assert list(zip(crd["table"], crd["mean"], crd["std"])) == [
+        ("Table 1", 77.04, 0.61),
+        ("Table 2", 76.67, 0.27),
+    ]
+    keys = ["source", "table", "teacher", "student", "method", "loss", "projector", "lr"]
+    keys += ["projector_design", "teacher_correct_only"]
+    assert not published.duplicated(keys).any()
+    dkd = published[published["method"] == "dkd"]
+    assert len(dkd) == 11 and dkd["std"].isna().all() and dkd["note"].notna().all()
+    assert dkd["source"].str.contains("DKD").all()
+    assert published.loc[published["method"] != "dkd", "note"].isna().all()
+    shufflev2 = dkd[(dkd["teacher"] == "resnet32x4") & (dkd["student"] == "ShuffleV2")]
+    assert shufflev2["mean"].item() == 77.07
 
 
 def test_format_accuracy():
@@ -748,3 +780,103 @@ def test_plots_are_drawn_again_only_when_what_they_show_changed(
     analysis.write_report(str(root), metric="last")
     assert drawn == ["png", "svg"]  # an image missing: its plot drawn again
     assert (root / "results" / "test_acc_curves.svg").exists()
+
+
+# ----------------------------------------------------------------------------- methods per pair
+
+# Per cell (teacher, student, method): the best accuracy of seeds 0 and 1; the student trained
+# alone has no teacher. resnet56 -> resnet20 has a published DKD number and no published KD.
+METHOD_CELLS = {
+    (None, "resnet8x4", "student"): (72.5, 73.5),
+    ("resnet32x4", "resnet8x4", "kd"): (74.0, 75.0),
+    ("resnet32x4", "resnet8x4", "simkd"): (77.5, 78.0),
+    ("resnet32x4", "resnet8x4", "dkd"): (76.0, 76.4),
+    ("resnet56", "resnet20", "dkd"): (71.0, 72.0),
+    ("resnet56", "resnet20", "kd"): (70.0, 70.5),
+}
+MEASURED_TEACHER = 79.0
+
+
+def method_trials() -> pd.DataFrame:
+    """A trials frame as `load_experiment` gives one: one completed trial per cell and seed."""
+    rows = [
+        {
+            "trial_id": f"trial_{position * 2 + seed:04d}",
+            "teacher": teacher,
+            "student": student,
+            "method": method,
+            "seed": seed,
+            "status": "completed",
+            "best_test_acc": best,
+            "final_test_acc": best - 0.5,
+            "final_test_acc_top5": best + 20,
+            "gpu_hours": 0.5,
+            "teacher_test_acc": None if teacher is None else MEASURED_TEACHER,
+        }
+        for position, ((teacher, student, method), bests) in enumerate(METHOD_CELLS.items())
+        for seed, best in enumerate(bests)
+    ]
+    return pd.DataFrame(rows).astype({"teacher_test_acc": "float64"})
+
+
+def test_method_tables_hold_each_pairs_methods_against_the_published():
+    summary = analysis.summarize(method_trials())
+    tables = analysis.method_tables(summary)
+    assert list(tables) == ["resnet32x4 → resnet8x4", "resnet56 → resnet20"]
+    first = tables["resnet32x4 → resnet8x4"].set_index("method")
+    assert list(first.index) == ["student", "kd", "simkd", "dkd", "teacher"]
+    columns = ["measured", "n", "published", "published in", "difference"]
+    assert list(first.columns) == columns
+    published = analysis.published_numbers()
+    kd_row = published[(published["method"] == "kd") & (published["student"] == "resnet8x4")]
+    kd_published = kd_row[kd_row["teacher"] == "resnet32x4"].iloc[0]
+    kd = pd.Series(METHOD_CELLS[("resnet32x4", "resnet8x4", "kd")])
+    assert first.loc["kd", "measured"] == analysis.format_accuracy(kd.mean(), kd.std(), 2)
+    assert first.loc["kd", "published"] == analysis.format_accuracy(
+        kd_published["mean"], kd_published["std"], 4
+    )
+    assert first.loc["kd", "published in"] == "paper Table 1"
+    assert first.loc["kd", "difference"] == f"{kd.mean() - kd_published['mean']:+.2f}"
+    assert first.loc["dkd", "published in"].startswith("DKD paper")
+    assert first.loc["teacher", "measured"] == f"{MEASURED_TEACHER:.2f}"
+    assert first.loc["teacher", "difference"] == f"{MEASURED_TEACHER - 79.42:+.2f}"
+    second = tables["resnet56 → resnet20"].set_index("method")
+    assert list(second.index) == ["kd", "dkd", "teacher"]
+    assert (second.loc["kd", "published"], second.loc["kd", "difference"]) == ("-", "-")
+    printed = analysis.format_method_tables(summary)
+    assert "resnet56 → resnet20, dkd (DKD paper" in printed and "beta 2" in printed
+    one_pair = method_trials().query("teacher == 'resnet56'")
+    assert list(analysis.method_tables(analysis.summarize(one_pair))) == ["resnet56 → resnet20"]
+    one_method = one_pair.query("method == 'kd'")
+    assert analysis.method_tables(analysis.summarize(one_method)) == {}
+
+
+def test_methods_plot_marks_the_published_number_of_each_method_that_has_one():
+    fig = analysis.plot_methods(method_trials())
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["resnet32x4 → resnet8x4", "resnet56 → resnet20"]
+    for ax, cells in zip(
+        panels, analysis.pair_methods(analysis.summarize(method_trials())).values()
+    ):
+        assert [t.get_text() for t in ax.get_yticklabels()] == list(cells["row"])
+        (marks,) = [c for c in ax.containers if c.get_label() == "published"]
+        known = cells["published_mean"].notna()
+        below = cells.index[known] + PUBLISHED_OFFSET
+        assert list(marks.lines[0].get_ydata()) == list(below)
+        assert list(marks.lines[0].get_xdata()) == list(cells.loc[known, "published_mean"])
+    assert len(marks.lines[0].get_ydata()) == 1  # resnet56 -> resnet20: DKD's only
+    one_method = method_trials().query("method == 'kd' and teacher == 'resnet56'")
+    assert analysis.plot_methods(one_method) is None
+
+
+def test_methods_per_pair_are_written_with_the_report(tmp_path):
+    trials = method_trials()
+    epochs = pd.DataFrame({"trial_id": pd.Series(dtype="string"), "epoch": pd.Series(dtype=int)})
+    experiment = analysis.Experiment("methods", {"name": "methods"}, trials, epochs, [])
+    summary = analysis.summarize(trials)
+    files = analysis.write_files(experiment, summary, "best", str(tmp_path))
+    assert str(tmp_path / "methods.md") in files
+    markdown = (tmp_path / "methods.md").read_text()
+    assert "## resnet32x4 → resnet8x4" in markdown and "| teacher | 79.00 |" in markdown
+    assert "mdistiller" in markdown
+    assert (tmp_path / "methods_per_pair.png").read_bytes().startswith(b"\x89PNG")

@@ -52,7 +52,6 @@ def refused(values: dict) -> ConfigError:
         ("momentum", [0.9], "expected a finite number, got [0.9]"),
         # choices
         ("dataset", "imagenet", "expected one of cifar100, cifar10, synthetic, got 'imagenet'"),
-        # every registered method, whichever are registered
         ("method", "hinton", f"expected one of {', '.join(distillers.names())}, got 'hinton'"),
         ("loss", "huber", "expected one of l2, cosine, kl, got 'huber'"),
         ("intermediate_loss", "kl", "expected one of l2, cosine, got 'kl'"),

@@ -18,8 +18,9 @@ EXPECTED_TRIALS = {
     "study_multi_projector.yaml": 18,  # loss 2 x lr 3 x 3 seeds
     "study_all_projectors.yaml": 18,
     "study_teacher_correct.yaml": 18,
-    "paper_table1.yaml": 80,  # 7 pairs x (kd, simkd) x 4 seeds + 6 students x 4 seeds
-    "paper_table2.yaml": 84,  # 7 pairs x (kd, simkd) x 4 seeds + 7 students x 4 seeds
+    "paper_table1.yaml": 276,  # 7 pairs x 9 methods x 4 seeds + 6 students x 4 seeds
+    "paper_table2.yaml": 280,  # 7 pairs x 9 methods x 4 seeds + 7 students x 4 seeds
+    "paper_methods_dkd.yaml": 44,  # DKD on mdistiller's 11 CIFAR-100 pairs x 4 seeds
     "paper_projectors.yaml": 28,  # 4 designs x 4 seeds + r in {1, 4, 8} x 4 seeds
     "teachers.yaml": 3,
     "optuna_lr_wd.yaml": 24,
@@ -87,3 +88,16 @@ def test_optuna_samples_its_ranges():
     assert loaded.search.algorithm == "optuna" and loaded.planned == 24
     assert loaded.search.ranges["lr"] == space.Range("loguniform", (0.001, 0.2))
     assert loaded.scheduler == space.Scheduler("asha", grace_period=155, reduction_factor=3.0)
+
+
+def test_a_key_no_trial_s_method_reads_is_refused(tmp_path):
+    """A method's own key given where no trial runs that method has no effect: refused, naming it.
+    A key that some trial's method reads is accepted beside methods that do not."""
+    file = tmp_path / "kd.yaml"
+    file.write_text("teacher: resnet14\nteacher_train: {}\nmethod: kd\nprojector: multi\n")
+    with pytest.raises(space.SpaceError, match="'projector': has no effect under method kd"):
+        space.load(file)
+    file.write_text(
+        "teacher: resnet14\nteacher_train: {}\ngrid: {method: [kd, simkd]}\nprojector: multi\n"
+    )
+    assert {t.config.projector for t in space.load(file).trials} == {"multi"}

@@ -13,7 +13,7 @@ import json
 import math
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -254,6 +254,18 @@ def check_key(key: str, value: Any, where: str | None = None) -> Any:
     if key not in _RULES:
         raise ConfigError(where or key, f"unknown key{suggest(key, KEYS)}")
     return check_value(where or key, value, _TYPES[key], _RULES[key])
+
+
+def check_used(given: Iterable[str], methods: Iterable[str]) -> None:
+    """Refuse a key that was given for trials none of whose `methods` reads it."""
+    methods = sorted(set(methods))
+    for key in given:
+        if methods and all(key in UNUSED_BY_METHOD[m] for m in methods):
+            users = [m for m in distillers.names() if key not in UNUSED_BY_METHOD[m]]
+            raise ConfigError(
+                key,
+                f"has no effect under method {' or '.join(methods)} (a key of {', '.join(users)})",
+            )
 
 
 def resolve(config: Config) -> Config:

@@ -52,3 +52,9 @@ def correct_top1_top5(logits: Tensor, labels: Tensor) -> Tensor:
     top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
     hits = top5 == labels[:, None]
     return torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
+
+
+def widened(values: Tensor) -> Tensor:
+    """`values` in float32 where they are narrower (bf16 under autocast); float64 stays float64,
+    so that a loss can be checked against float64 reference values."""
+    return values if values.dtype == torch.float64 else values.float()

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tune_kd import cli, cost, plan, teachers, tuner
+from tune_kd import cli, cost, distillers, plan, teachers, tuner
 from tune_kd import data as datasets
 from tune_kd import space as spaces
 from tune_kd.config import ConfigError
@@ -109,6 +109,7 @@ def describe_plan(space: Space) -> str:
         f"resources per trial: {space.resources.cpu:g} CPU, {space.resources.gpu:g} GPU;"
         f" scheduler {space.scheduler.name}; search {space.search.algorithm}"
     )
+    lines += method_notes(space)
     for need in space.teachers:
         source = need.checkpoint or f"trained first (recipe {teachers.recipe_hash(need.recipe)})"
         lines.append(f"teacher {need.arch}: {source}")
@@ -119,6 +120,25 @@ def describe_plan(space: Space) -> str:
         + " from throughput measured on one H100 (docs/PERFORMANCE.md)"
     )
     return "\n".join(lines)
+
+
+def method_notes(space: Space) -> list[str]:
+    """What the plan's methods need beyond the rest: memory of their own, and, where students
+    would be fused, which methods train one after another instead."""
+    lines = []
+    configs = {t.config.method: t.config for t in space.trials}
+    for method, config in configs.items():
+        extra = distillers.get(method).extra_memory_bytes(config, cost.train_images(config))
+        if extra:
+            lines.append(
+                f"method {method}: each trial needs about {extra / 2**30:.1f} GiB of device "
+                f"memory beyond its networks' (batch {config.batch_size})"
+            )
+    fusing = space.group_students and any(t.config.fuse_students for t in space.trials)
+    apart = [m for m in configs if not distillers.get(m).fusable]
+    if fusing and apart:
+        lines.append(f"not fused, trained one after another in their groups: {', '.join(apart)}")
+    return lines
 
 
 def plan_gpu_hours(space: Space, grouped: bool = True) -> float:

@@ -45,6 +45,7 @@ from tune_kd.config import (
     Config,
     ConfigError,
     check_key,
+    check_used,
     check_value,
     suggest,
 )
@@ -311,6 +312,8 @@ def _parse(path: Path, raw: dict[str, Any]) -> Space:
         )
     scheduler = _scheduler(raw.get("scheduler", "fifo"))
     trials = _expand(base, grids)
+    given = {*base, *(k for t in trials for k in t.axes)}
+    check_used(given - {"method"}, [t.config.method for t in trials])
     axes = list(dict.fromkeys(k for t in trials for k in t.axes))
     group_students = check_value("group_students", raw.get("group_students", False), bool, {})
     if group_students and scheduler.name != "fifo":

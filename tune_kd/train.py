@@ -42,7 +42,16 @@ from torch import Tensor, nn
 
 from tune_kd import cli, distillers, fused, losses, models
 from tune_kd import data as datasets
-from tune_kd.config import EXECUTION_KEYS, KEYS, SHARED_KEYS, Config, ConfigError, describe, resolve
+from tune_kd.config import (
+    EXECUTION_KEYS,
+    KEYS,
+    SHARED_KEYS,
+    Config,
+    ConfigError,
+    check_used,
+    describe,
+    resolve,
+)
 from tune_kd.member import Member, build_member, restore, snapshot, to_device
 from tune_kd.storage import DEFAULT_STORAGE, Storage
 
@@ -601,6 +610,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, Space | None]:
         space = spaces.load(args.config, values)
         values = space.single_trial()
     config = resolve(Config.from_dict(values))
+    if space is None:
+        check_used(values.keys() - {"method"}, [config.method])
     if distillers.get(config.method).uses_teacher and config.teacher_checkpoint is not None:
         from tune_kd import teachers
 

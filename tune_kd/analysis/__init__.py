@@ -11,7 +11,8 @@
   `epochs_frame` (one row per trial and epoch);
 - `cells`: `summarize`, mean ± std per grid cell over its completed trials;
 - `published`: the published number of each cell's setting;
-- `tables` and `plots`: the summary as text, markdown and LaTeX; the figures;
+- `tables` and `plots`: the summary as text, markdown and LaTeX, the methods of each
+  teacher/student pair against their published numbers; the figures;
 - `report`: `write_report`, every file of the above, and the command line.
 """
 
@@ -22,12 +23,22 @@ from tune_kd.analysis.plots import (
     plot_accuracy_vs_gpu_hours,
     plot_accuracy_vs_lr,
     plot_curves,
+    plot_methods,
     plot_top5_vs_lr,
 )
 from tune_kd.analysis.published import most_specific, published_numbers
 from tune_kd.analysis.read import last_failure, latest_per_epoch
 from tune_kd.analysis.report import RESULTS_FOLDER, SweepReport, main, write_files, write_report
-from tune_kd.analysis.tables import display_table, format_accuracy, format_summary, summary_markdown
+from tune_kd.analysis.tables import (
+    display_table,
+    format_accuracy,
+    format_method_tables,
+    format_summary,
+    method_notes,
+    method_tables,
+    pair_methods,
+    summary_markdown,
+)
 
 __all__ = [
     "RESULTS_FOLDER",
@@ -37,15 +48,20 @@ __all__ = [
     "display_table",
     "figures",
     "format_accuracy",
+    "format_method_tables",
     "format_summary",
     "last_failure",
     "latest_per_epoch",
     "load_experiment",
     "main",
+    "method_notes",
+    "method_tables",
     "most_specific",
+    "pair_methods",
     "plot_accuracy_vs_gpu_hours",
     "plot_accuracy_vs_lr",
     "plot_curves",
+    "plot_methods",
     "plot_top5_vs_lr",
     "published_numbers",
     "summarize",

@@ -15,7 +15,7 @@ from matplotlib.ticker import MaxNLocator
 from tune_kd.analysis.cells import METRIC_COLUMNS, cell_keys, cell_stats, summarize, summary_keys
 from tune_kd.analysis.frames import Experiment
 from tune_kd.analysis.published import missing
-from tune_kd.analysis.tables import METRIC_NAMES, format_accuracy, format_value
+from tune_kd.analysis.tables import METRIC_NAMES, format_accuracy, format_value, pair_methods
 
 
 def groups_of(
@@ -266,6 +266,7 @@ def drawings(experiment: Experiment, metric: str = "best") -> dict[str, Drawing]
         ),
         "top5_vs_lr": (top5_vs_lr_figure, (cell_stats(trials, "final_test_acc_top5"),)),
         "accuracy_vs_gpu_hours": (accuracy_vs_gpu_hours_figure, (metric_cells, metric)),
+        "methods_per_pair": (methods_figure, (pair_methods(summarize(trials, metric)), metric)),
     }
 
 
@@ -280,3 +281,65 @@ def figure_bytes(fig: Figure, kind: str) -> bytes:
     metadata = {"Date": None} if kind == "svg" else None  # the same plot gives the same file
     fig.savefig(buffer, format=kind, dpi=120, metadata=metadata)
     return buffer.getvalue()
+
+
+PUBLISHED_MARKER = "published"  # the label of each panel's published points
+PUBLISHED_OFFSET = 0.35  # a published point sits this far below its method's bar's centre
+
+
+def plot_methods(
+    trials: pd.DataFrame, metric: str = "best", published: pd.DataFrame | None = None
+) -> Figure | None:
+    """Per teacher/student pair of an experiment that compares methods or pairs (`pair_methods`),
+    each method's accuracy as a bar with its std, the published number as a marker beside it, the
+    teacher as a vertical line; None for one method on one pair."""
+    return methods_figure(pair_methods(summarize(trials, metric, published)), metric)
+
+
+def methods_figure(pairs: dict[str, pd.DataFrame], metric: str) -> Figure | None:
+    """`plot_methods` of its pairs (`pair_methods`): one panel per pair."""
+    if not pairs:
+        return None
+    columns = min(2, len(pairs))
+    rows = math.ceil(len(pairs) / columns)
+    height = max(len(cells) for cells in pairs.values()) * 0.35 + 1.2
+    fig = Figure(figsize=(6.5 * columns, height * rows + 0.6), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    for ax, (name, cells) in zip(axes, pairs.items()):
+        methods_panel(ax, cells, name)
+        ax.set_xlabel(METRIC_NAMES[metric])
+    for ax in axes[len(pairs) :]:
+        ax.set_visible(False)
+    fig.suptitle("Methods per teacher → student pair (bar: mean ± std over seeds)")
+    return fig
+
+
+def methods_panel(ax: Axes, cells: pd.DataFrame, name: str) -> None:
+    """One pair: a horizontal bar per method row, its published number as a marker just below
+    it, the teacher as a vertical line."""
+    y = np.arange(len(cells))
+    ax.barh(y, cells["mean"], height=0.55, xerr=cells["std"].fillna(0), color="tab:blue", capsize=3)
+    known = cells["published_mean"].notna().to_numpy()
+    ax.errorbar(
+        cells["published_mean"][known],
+        y[known] + PUBLISHED_OFFSET,
+        xerr=cells["published_std"][known].fillna(0),
+        fmt="D",
+        color="black",
+        capsize=2,
+        label=PUBLISHED_MARKER,
+    )
+    measured = cells["teacher_acc"].mean()
+    teacher = cells["published_teacher"].dropna()
+    value = teacher.iloc[0] if missing(measured) and len(teacher) else measured
+    if not missing(value):
+        source = "published" if missing(measured) else "measured"
+        ax.axvline(value, color="gray", linestyle=":", label=f"teacher ({source}): {value:.2f}")
+    values = pd.concat([cells["mean"], cells["published_mean"], pd.Series([value])]).dropna()
+    if len(values):
+        ax.set_xlim(values.min() - 3, values.max() + 1.5)
+    ax.set_yticks(y, cells["row"])
+    ax.invert_yaxis()
+    ax.set_title(name, fontsize="medium")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize="small", loc="lower right")

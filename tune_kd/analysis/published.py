@@ -29,6 +29,7 @@ PUBLISHED_COLUMNS = {
     "published_std": "float64",
     "published_n": "Int64",
     "published_source": object,
+    "published_note": object,
     "baseline_mean": "float64",
     "baseline_std": "float64",
 }
@@ -42,8 +43,9 @@ def with_published(cells: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame
 
 
 def published_numbers() -> pd.DataFrame:
-    """The paper's Tables 1, 2 and 5 and the study's tables (`tune_kd/published.csv`); keys a row
-    does not constrain are null."""
+    """The paper's Tables 1, 2 and 5, DKD's CIFAR-100 numbers and the study's tables
+    (`tune_kd/published.csv`); keys a row does not constrain are null, as is the `note` (how
+    numbers from elsewhere were measured) of a row without one."""
     text = resources.files("tune_kd").joinpath("published.csv").read_text()
     rows = list(csv.DictReader(io.StringIO(text)))
     frame = pd.DataFrame(rows).replace("", None)
@@ -57,7 +59,8 @@ def published_numbers() -> pd.DataFrame:
 
 
 def published_for(cell: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The published teacher, the number of the same setting and the paper's SimKD of the pair."""
+    """The published teacher, the number of the same setting (with its note) and the paper's SimKD
+    of the pair."""
     teacher = first_match(
         r for r in rows if r["method"] == "teacher" and same(cell.get("teacher"), r["teacher"])
     )
@@ -73,6 +76,7 @@ def published_for(cell: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) ->
         "published_std": match["std"] if match else None,
         "published_n": match["n"] if match else None,
         "published_source": f"{match['source']} {match['table']}" if match else None,
+        "published_note": match.get("note") if match else None,
         "baseline_mean": baseline["mean"] if baseline else None,
         "baseline_std": baseline["std"] if baseline else None,
     }

@@ -5,9 +5,11 @@
 reads a Tune experiment (finished, still running or interrupted; a local folder or a storage URI)
 and writes into EXPERIMENT_DIR/results/: `trials.parquet` (one row per planned trial),
 `epochs.parquet` (one row per trial and epoch), `summary.md`/`.csv`/`.tex` (one row per grid
-cell) and the plots as PNG and SVG. The sweep calls `write_report` when it ends. Another analysis
-of the same experiment parses only the `result.json` files that changed since (see `parsed`) and
-draws the plots again only when what they are drawn from changed.
+cell), `methods.md` (where the experiment compares methods or teacher/student pairs: a table per
+pair of its methods against their published numbers) and the plots as PNG and SVG. The sweep calls
+`write_report` when it ends. Another analysis of the same experiment parses only the
+`result.json` files that changed since (see `parsed`) and draws the plots again only when what
+they are drawn from changed.
 """
 
 from __future__ import annotations
@@ -30,7 +32,14 @@ from tune_kd.analysis.cells import METRIC_COLUMNS, summarize
 from tune_kd.analysis.frames import Experiment, load_experiment
 from tune_kd.analysis.plots import drawings, figure_bytes
 from tune_kd.analysis.read import ExperimentError
-from tune_kd.analysis.tables import failures, format_summary, summary_markdown, summary_tex
+from tune_kd.analysis.tables import (
+    failures,
+    format_method_tables,
+    format_summary,
+    methods_markdown,
+    summary_markdown,
+    summary_tex,
+)
 from tune_kd.storage import Storage
 
 RESULTS_FOLDER = "results"
@@ -62,7 +71,8 @@ def write_report(location: str, out: str | None = None, metric: str = "best") ->
 
 
 def write_files(experiment: Experiment, summary: pd.DataFrame, metric: str, out: str) -> list[str]:
-    """Both frames as parquet, the summary as markdown, CSV and LaTeX, every plot as PNG and SVG;
+    """Both frames as parquet, the summary as markdown, CSV and LaTeX, the methods per pair as
+    markdown (where the experiment compares methods or pairs), every plot as PNG and SVG;
     returns where each file went. The plots are drawn again only where what they are drawn from
     changed since they were written (see `figure_key`)."""
     target = Storage(str(out))
@@ -78,6 +88,9 @@ def write_files(experiment: Experiment, summary: pd.DataFrame, metric: str, out:
         "summary.csv": summary.to_csv(index=False),
         "summary.tex": summary_tex(summary, metric),
     }
+    methods = methods_markdown(summary, metric, experiment.name)
+    if methods:
+        contents["methods.md"] = methods
     kept = figure_keys(target)
     images, drawn, keys = [], {}, {}
     for name, (draw, data) in drawings(experiment, metric).items():
@@ -161,5 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = write_report(args.experiment, args.out, args.metric)
     except ExperimentError as error:
         return cli.fail(error)
+    methods = format_method_tables(report.summary, args.metric)
+    if methods:
+        print(methods + "\n")
     print(format_summary(report.summary, args.metric, report.files, report.failures))
     return 0

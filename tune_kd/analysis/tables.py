@@ -186,3 +186,129 @@ def summary_tex(summary: pd.DataFrame, metric: str) -> str:
             "",
         ]
     )
+
+
+# The methods in the order of the paper's Tables 1 and 2 (DKD after them); others follow by name.
+METHOD_ORDER = (
+    *("student", "kd", "fitnet", "at", "sp", "vid", "crd", "srrl", "semckd", "simkd"),
+    "dkd",
+)
+PAIR_KEYS = ("teacher", "student", "method")
+
+
+def pair_methods(summary: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per teacher/student pair (`teacher → student`) of a summary that compares methods or pairs
+    (more than one combination of teacher, student and method; the student trained alone is the
+    method `student` of every pair with its student): the pair's cells, in the order of
+    `METHOD_ORDER`, each labelled in `row` by its method and the keys that tell apart cells of the
+    same method. None for a summary of one method on one pair."""
+    if not set(PAIR_KEYS) <= set(summary.columns):
+        return {}
+    if len(summary[list(PAIR_KEYS)].drop_duplicates()) < 2:
+        return {}
+    pairs = summary.loc[summary["teacher"].notna(), ["teacher", "student"]].drop_duplicates()
+    alone = summary["method"].eq("student") & summary["teacher"].isna()
+    found = {}
+    for teacher, student in pairs.itertuples(index=False):
+        cells = summary[(summary["teacher"].eq(teacher) | alone) & summary["student"].eq(student)]
+        found[f"{teacher} → {student}"] = labelled_by_method(cells)
+    return found
+
+
+def labelled_by_method(cells: pd.DataFrame) -> pd.DataFrame:
+    """The cells in method order, `row` naming each: its method, then `key=value` for every key
+    that varies among the cells of its method."""
+    keys = [k for k in summary_keys(cells) if k not in PAIR_KEYS]
+    varying = [k for k in keys if cells.groupby("method")[k].nunique(dropna=False).max() > 1]
+    rank = {method: i for i, method in enumerate(METHOD_ORDER)}
+    position = [(rank.get(method, len(rank)), method) for method in cells["method"]]
+    cells = cells.iloc[sorted(range(len(cells)), key=position.__getitem__)]
+    labels = [
+        ", ".join(
+            [cell["method"]]
+            + [f"{k}={format_value(cell[k])}" for k in varying if not missing(cell[k])]
+        )
+        for cell in cells.to_dict("records")
+    ]
+    return cells.assign(row=labels).reset_index(drop=True)
+
+
+def method_tables(summary: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """One table per pair of `pair_methods`: a row per method (and the teacher's last) with the
+    measured mean ± std, the trials finished of those planned, the published mean ± std, where it
+    was published and the measured minus the published mean."""
+    return {name: method_table(cells) for name, cells in pair_methods(summary).items()}
+
+
+def method_table(cells: pd.DataFrame) -> pd.DataFrame:
+    rows = [
+        {
+            "method": cell["row"],
+            "measured": format_accuracy(cell["mean"], cell["std"], cell["n"]),
+            "n": f"{cell['n']}/{cell['n_planned']}",
+            "published": "-"
+            if missing(cell["published_mean"])
+            else format_accuracy(
+                cell["published_mean"], cell["published_std"], cell["published_n"]
+            ),
+            "published in": format_value(cell["published_source"]),
+            "difference": format_value(cell["mean"] - cell["published_mean"], "+.2f"),
+        }
+        for cell in cells.to_dict("records")
+    ]
+    teacher, published = cells["teacher_acc"].mean(), cells["published_teacher"].dropna()
+    published_teacher = published.iloc[0] if len(published) else None
+    difference = None if missing(published_teacher) else teacher - published_teacher
+    rows.append(
+        {
+            "method": "teacher",
+            "measured": format_value(teacher, ".2f"),
+            "n": "-",
+            "published": format_value(published_teacher, ".2f"),
+            "published in": "-",
+            "difference": format_value(difference, "+.2f"),
+        }
+    )
+    return pd.DataFrame(rows)
+
+
+def method_notes(summary: pd.DataFrame) -> list[str]:
+    """`pair, method (source): note` for each row of `pair_methods` whose published number
+    carries a note on how it was measured."""
+    return [
+        f"{name}, {cell['row']} ({cell['published_source']}): {cell['published_note']}"
+        for name, cells in pair_methods(summary).items()
+        for cell in cells.to_dict("records")
+        if not missing(cell["published_note"])
+    ]
+
+
+def format_method_tables(summary: pd.DataFrame, metric: str = "best") -> str:
+    """The terminal's `method_tables`, each under its pair, then the published numbers' notes;
+    empty without any (see `pair_methods`)."""
+    tables = method_tables(summary)
+    if not tables:
+        return ""
+    lines = [f"{METRIC_NAMES[metric]} per method and teacher → student pair, against published"]
+    for name, table in tables.items():
+        lines += ["", name, aligned(table)]
+    notes = method_notes(summary)
+    return "\n".join(lines + (["", "notes:", *(f"  {n}" for n in notes)] if notes else []))
+
+
+def methods_markdown(summary: pd.DataFrame, metric: str, title: str) -> str:
+    """`method_tables` as markdown, one section per pair, then the published numbers' notes;
+    empty without any (see `pair_methods`)."""
+    tables = method_tables(summary)
+    if not tables:
+        return ""
+    lines = [f"# {title}: methods per pair", "", f"{METRIC_NAMES[metric]}: mean ± std.", ""]
+    for name, table in tables.items():
+        rows = [table.columns, *table.itertuples(index=False)]
+        lines += [f"## {name}", ""]
+        lines += ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in rows]
+        lines.insert(len(lines) - len(rows) + 1, "|" + "---|" * len(table.columns))
+        lines.append("")
+    notes = method_notes(summary)
+    lines += ["Notes:", *(f"- {n}" for n in notes), ""] if notes else []
+    return "\n".join(lines)

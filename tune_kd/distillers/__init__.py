@@ -4,7 +4,19 @@ loop does not care which one it runs. `create(config, student, teachers)` builds
 `config.method` names; `names()` lists them.
 """
 
-from tune_kd.distillers import at, fitnet, kd, simkd, sp, student, vid  # noqa: F401  (registers the methods)
+from tune_kd.distillers import (  # noqa: F401  (registers the methods)
+    at,
+    crd,
+    dkd,
+    fitnet,
+    kd,
+    semckd,
+    simkd,
+    sp,
+    srrl,
+    student,
+    vid,
+)
 from tune_kd.distillers.base import (
     DISTILLATION_KEYS,
     Batch,

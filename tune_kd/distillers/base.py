@@ -151,7 +151,8 @@ class Distiller(nn.Module):
     - `per_sample`: its loss is a mean over samples (so `teacher_correct_only` can leave some out);
     - `needs_indices`: it reads `Batch.indices`; `full_batches_only`: it skips a short last batch;
     - `fusable`: its students can be trained as one fused model (`tune_kd.fused`);
-    - `capturable`: its step can be recorded as a CUDA graph.
+    - `capturable`: its step can be recorded as a CUDA graph;
+    - `extra_memory_bytes`: memory its runs need beyond the networks' (the dry run prints it).
     Its `__init__(student, config, teachers, train_labels)` builds what it trains; `forward`,
     `loss` and `predict` run it. A method without a teacher sets `uses_teacher = False`.
     """
@@ -179,6 +180,12 @@ class Distiller(nn.Module):
         self.student = student
         self.config = config
         self.teacher_features: frozenset[int] = frozenset()  # what `loss` reads of each teacher
+
+    @classmethod
+    def extra_memory_bytes(cls, config: Config, train_images: int) -> int:
+        """Device memory a run of `config` needs beyond its networks and their activations (state
+        kept per training image, large temporaries), on a training set of `train_images`."""
+        return 0
 
     def forward(self, images: Tensor) -> dict[str, Any]:
         """The trainable half of a step: what `loss` reads, from this distiller's own modules only.
