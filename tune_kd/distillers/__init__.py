@@ -5,13 +5,17 @@ loop does not care which one it runs. `create(config, student, teachers)` builds
 """
 
 from tune_kd.distillers import (  # noqa: F401  (registers the methods)
+    at,
     crd,
     dkd,
+    fitnet,
     kd,
     semckd,
     simkd,
+    sp,
     srrl,
     student,
+    vid,
 )
 from tune_kd.distillers.base import (
     DISTILLATION_KEYS,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tune_kd import losses
@@ -75,6 +76,17 @@ def feature_shapes(model: nn.Module, image_size: int = 32) -> list[tuple[int, ..
 def stage_shapes(model: nn.Module, image_size: int = 32) -> list[StageShape]:
     """Channels and spatial size of each stage output (`features[1:-1]`)."""
     return [StageShape(s[0], s[-1]) for s in feature_shapes(model, image_size)[1:-1]]
+
+
+def align(feat_s: Tensor, feat_t: Tensor) -> tuple[Tensor, Tensor]:
+    """Average-pool the larger of the two maps to the smaller's (square) spatial size: how the
+    official code pairs maps of different sizes."""
+    size_s, size_t = feat_s.shape[-1], feat_t.shape[-1]
+    if size_s > size_t:
+        return F.adaptive_avg_pool2d(feat_s, size_t), feat_t
+    if size_t > size_s:
+        return feat_s, F.adaptive_avg_pool2d(feat_t, size_s)
+    return feat_s, feat_t
 
 
 @dataclass

@@ -23,6 +23,7 @@ from tune_kd.distillers.base import (
     StepOutput,
     Teacher,
     TeacherOutput,
+    align,
     key,
     stage_shapes,
 )
@@ -74,16 +75,6 @@ def make_projector(
             f"unknown projector design '{design}'; one of {', '.join(PROJECTOR_DESIGNS)}"
         )
     return nn.Sequential(*layers)
-
-
-def align(feat_s: Tensor, feat_t: Tensor) -> tuple[Tensor, Tensor]:
-    """Average-pool the larger of the two maps to the smaller's spatial size."""
-    size_s, size_t = feat_s.shape[-1], feat_t.shape[-1]
-    if size_s > size_t:
-        return F.adaptive_avg_pool2d(feat_s, size_t), feat_t
-    if size_t > size_s:
-        return feat_s, F.adaptive_avg_pool2d(feat_t, size_s)
-    return feat_s, feat_t
 
 
 class SimKD(nn.Module):
