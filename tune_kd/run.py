@@ -133,7 +133,7 @@ def method_notes(space: Space) -> list[str]:
         extra = distillers.get(method).extra_memory_bytes(config, cost.train_images(config))
         if extra:
             lines.append(
-                f"method {method}: each trial needs about {extra / 2**30:.1f} GiB of device "
+                f"method {method}: each trial needs about {format_bytes(extra)} of device "
                 f"memory beyond its networks' (batch {config.batch_size})"
             )
     fusing = space.group_students and any(t.config.fuse_students for t in space.trials)
@@ -141,6 +141,10 @@ def method_notes(space: Space) -> list[str]:
     if fusing and apart:
         lines.append(f"not fused, trained one after another in their groups: {', '.join(apart)}")
     return lines
+
+
+def format_bytes(count: int) -> str:
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.0f} MiB"
 
 
 def plan_gpu_hours(space: Space, grouped: bool = True) -> float:
