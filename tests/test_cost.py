@@ -10,7 +10,7 @@ import pytest
 
 from tune_kd import cost, run
 from tune_kd import space as spaces
-from tune_kd.config import Config
+from tune_kd.config import Config, resolve
 
 STUDY = Path(__file__).parents[1] / "search_spaces" / "study_losses.yaml"
 
@@ -154,3 +154,18 @@ def test_cost_is_proportional_to_epochs_and_training_images():
     assert cost.gpu_hours(held_out) == pytest.approx(0.8 * cost.gpu_hours(config))
     synthetic = small(dataset="synthetic", synthetic_train_size=500, synthetic_classes=100)
     assert cost.train_images(synthetic) == 500
+
+
+def test_a_method_costs_the_measured_step_plus_what_it_computes_beyond_simkd():
+    """KD computes less than SimKD but its small step is no faster: the measured step. SemCKD's
+    projectors for every stage pair add their FLOPs at the measured rate."""
+    base = {"dataset": "cifar100", "teacher": "resnet32x4", "student": "resnet8x4"}
+    simkd, kd, semckd = (
+        resolve(Config.from_dict({**base, "method": m})) for m in ("simkd", "kd", "semckd")
+    )
+    assert cost.student_seconds(simkd) == cost.student_seconds(kd) == 19.73e-6
+    extra = cost.pass_flops(semckd)[1] - cost.pass_flops(simkd)[1]
+    assert extra > 0
+    assert cost.student_seconds(semckd) == pytest.approx(
+        19.73e-6 + extra / cost.STUDENT_FLOPS_PER_SECOND
+    )

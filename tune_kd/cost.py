@@ -18,7 +18,7 @@ import torch
 import torch.utils.flop_counter
 
 from tune_kd import distillers, fused, models
-from tune_kd.config import Config, resolve
+from tune_kd.config import DATA_KEYS, Config, resolve
 
 # Seconds per training image of each pass on one H100 (bf16, channels_last, each step one CUDA
 # graph, batch 64), from three measured throughputs (docs/PERFORMANCE.md): ResNet-32x4 ->
@@ -28,6 +28,7 @@ from tune_kd.config import Config, resolve
 # 19.73 us and WRN-40-2's forward 14.79 us; ResNet-32x4's forward is 37.09 - 19.73 = 17.36 us.
 TEACHER_FORWARD_SECONDS = {"resnet38x2": 14.79e-6, "resnet32x4": 17.36e-6}
 STUDENT_STEP_SECONDS = {"resnet8x4": 19.73e-6}
+MEASURED_TEACHER = "resnet32x4"  # a teacher for a student trained alone, to compare with
 # A pass not measured: its FLOPs at the effective rate of the measured pass of its kind.
 TEACHER_FLOPS_PER_SECOND = 2.166e9 / 17.36e-6  # ResNet-32x4's forward, 125 TFLOP/s
 STUDENT_FLOPS_PER_SECOND = 1.084e9 / 19.73e-6  # ResNet-8x4's SimKD step, 55 TFLOP/s
@@ -38,7 +39,7 @@ FUSED_FLOPS_PER_SECOND = 15 * 1.084e9 / 388.6e-6
 
 DATASET_SIZES = {"cifar100": 50_000, "cifar10": 50_000}
 # The images of a counted step.
-COUNTED_IMAGES = torch.arange(2)
+COUNTED_IMAGES = torch.arange(4)  # SemCKD embeds batch-sized rows into a quarter of them
 # Training images a counted step's distiller keeps state for (a memory bank's rows): FLOPs per
 # image do not depend on it.
 COUNTED_TRAIN_IMAGES = 64
@@ -91,7 +92,8 @@ def _count(config: Config, teacher: str | None, student: str, classes: int) -> t
     teachers = [distillers.Teacher(models.create(teacher, classes))] if teacher else []
     train_labels = torch.arange(COUNTED_TRAIN_IMAGES) % classes
     distiller = distillers.create(config, models.create(student, classes), teachers, train_labels)
-    batch = distillers.Batch(torch.randn(2, 3, 32, 32), torch.arange(2) % classes, torch.arange(2))
+    images = torch.randn(len(COUNTED_IMAGES), 3, 32, 32)
+    batch = distillers.Batch(images, COUNTED_IMAGES % classes, COUNTED_IMAGES)
     features = set(distiller.teacher_features)
     with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
         outs = [t(batch.images, batch.labels, features) for t in teachers]
@@ -119,9 +121,18 @@ def teacher_seconds(config: Config) -> float:
 
 
 def student_seconds(config: Config) -> float:
-    """Seconds per training image of one student's step alone."""
+    """Seconds per training image of one student's step alone: the measured SimKD step of its
+    architecture, plus what this method computes beyond SimKD's step at the measured rate (small
+    steps are bound by their kernels' count, not their FLOPs: less work does not make them
+    faster)."""
     measured = STUDENT_STEP_SECONDS.get(config.student)
-    return measured if measured is not None else pass_flops(config)[1] / STUDENT_FLOPS_PER_SECOND
+    if measured is None:
+        return pass_flops(config)[1] / STUDENT_FLOPS_PER_SECOND
+    data = {k: getattr(config, k) for k in DATA_KEYS}
+    teacher = config.teacher or MEASURED_TEACHER
+    simkd = Config(teacher=teacher, student=config.student, method="simkd", **data)
+    extra = pass_flops(config)[1] - pass_flops(simkd)[1]
+    return measured + max(extra, 0.0) / STUDENT_FLOPS_PER_SECOND
 
 
 def group_gpu_hours(configs: Sequence[Config]) -> float:
