@@ -263,6 +263,7 @@ def test_trial_results_best_final_epochs_and_cost(experiment):
     lone = trial(experiment.trials, 3)
     assert (lone["best_test_acc"], lone["best_epoch"]) == (74.0, 2)
     assert (lone["final_test_acc"], lone["final_test_acc_top5"]) == (73.5, 93.5)
+    assert lone["best_test_acc_top5"] == 94.0  # the best over the epochs, as top-1's
     assert (lone["epochs_done"], lone["epochs_planned"]) == (4, 4)
     assert lone["wall_seconds"] == 3600.0
     assert lone["gpu_hours"] == pytest.approx(0.5)
@@ -479,7 +480,7 @@ def test_out_option_and_metric(experiment_dir, tmp_path):
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         code = analysis.main([str(experiment_dir), "--out", str(tmp_path), "--metric", "last"])
-    assert code == 0 and "final-epoch test accuracy" in printed.getvalue()
+    assert code == 0 and "final-epoch test top-1 (%)" in printed.getvalue()
     assert pd.read_csv(tmp_path / "summary.csv")["mean"].max() == (73.5 + 75.5) / 2
 
 
@@ -529,6 +530,81 @@ def test_plots_without_their_data_are_skipped(experiment):
     no_gpu = experiment.trials.assign(gpu_hours=0.0)
     assert analysis.plot_accuracy_vs_gpu_hours(no_gpu) is None
     assert analysis.plot_curves(experiment.epochs.iloc[:0], experiment.trials) is None
+
+
+@pytest.mark.parametrize(
+    ("metric", "name", "top1", "top5"),
+    [("best", "best", 71.0, 91.0), ("last", "final-epoch", 70.5, 90.5)],
+)
+def test_top1_and_top5_plots_show_the_same_statistic(experiment, metric, name, top1, top5):
+    """Each trial's best epoch is not its last (`curve`), and top-5 is top-1 + 20 in every epoch:
+    both plots show the best values, or both the final ones, and say which."""
+    figures = analysis.figures(experiment, metric)
+    for figure, statistic, value in (
+        (figures["accuracy_vs_lr"], "top-1", top1),
+        (figures["top5_vs_lr"], "top-5", top5),
+    ):
+        ax = figure.axes[0]
+        label = f"{name} test {statistic} (%)"
+        assert ax.get_ylabel() == label and label.removesuffix(" (%)") in ax.get_title()
+        handles, labels = ax.get_legend_handles_labels()
+        l2 = handles[labels.index("loss=l2")].lines[0]  # an errorbar's line, by learning rate
+        assert l2.get_ydata()[0] == pytest.approx(value)  # the cell loss=l2, lr=0.01
+
+
+# ----------------------------------------------------------------------------- cost
+
+
+def with_resources(experiment_dir: Path, tmp_path: Path, resources: dict | None) -> Path:
+    """A copy of the experiment whose plan says the trials held `resources` (None: not said)."""
+    root = shutil.copytree(
+        experiment_dir, tmp_path / "copy", ignore=shutil.ignore_patterns("results")
+    )
+    plan = json.loads((root / PLAN_FILE).read_text())
+    plan.pop("resources")
+    if resources is not None:
+        plan["resources"] = resources
+    (root / PLAN_FILE).write_text(json.dumps(plan))
+    return root
+
+
+def test_trials_on_cpus_cost_cpu_hours_never_gpu_hours(experiment_dir, tmp_path):
+    root = with_resources(experiment_dir, tmp_path, {"cpu": 2.0, "gpu": 0.0})
+    trials = analysis.load_experiment(str(root)).trials
+    lone, member = trial(trials, 3), trial(trials, 2)
+    assert lone["cpu_hours"] == pytest.approx(2 * 4 * SECONDS_PER_EPOCH / 3600)
+    assert member["cpu_hours"] == pytest.approx(2 * 4 * GROUP_SECONDS_PER_EPOCH / 3600 / 2)
+    assert trials["gpu_hours"].isna().all()
+    summary = analysis.summarize(trials)
+    table = analysis.display_table(summary)
+    assert "CPU-h" in table.columns and "GPU-h" not in table.columns
+    assert cell(table.assign(loss=summary["loss"], lr=summary["lr"]), "l2", 0.01)["CPU-h"] == (
+        f"{2 * (1 + 1 + 2 / 3) / 3:.2f}"  # the mean of 2 CPUs x (1 h, 1 h, 4800 s / 2)
+    )
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert analysis.main([str(root)]) == 0
+    assert "CPU-h" in printed.getvalue() and "GPU-h" not in printed.getvalue()
+    assert "CPU-h" in (root / "results" / "summary.md").read_text()
+
+
+def test_trials_on_gpus_cost_gpu_hours_only(experiment):
+    table = analysis.display_table(analysis.summarize(experiment.trials))
+    assert "GPU-h" in table.columns and "CPU-h" not in table.columns
+    assert experiment.trials["cpu_hours"].isna().all()
+
+
+def test_cost_of_a_plan_without_resources_is_unknown(experiment_dir, tmp_path):
+    trials = analysis.load_experiment(str(with_resources(experiment_dir, tmp_path, None))).trials
+    assert trials[["gpu_fraction", "gpu_hours", "cpu_hours"]].isna().all().all()
+    table = analysis.display_table(analysis.summarize(trials))
+    assert not {"GPU-h", "CPU-h"} & set(table.columns)
+
+
+def test_short_trials_cost_is_not_rounded_to_zero(experiment):
+    short = experiment.trials.assign(gpu_hours=experiment.trials["gpu_hours"] / 1000)
+    table = analysis.display_table(analysis.summarize(short))
+    assert set(table["GPU-h"]) - {"-"} and not table["GPU-h"].str.fullmatch(r"0\.0+").any()
 
 
 # ----------------------------------------------------------------------------- other layouts
@@ -774,7 +850,7 @@ def test_plots_are_drawn_again_only_when_what_they_show_changed(
     assert {p.name: p.read_bytes() for p in (root / "results").glob("*.png")} == images
 
     assert analysis.write_report(str(root), metric="last").files == first
-    assert len(drawn) == 4  # another metric: accuracy against lr and against GPU-hours
+    assert len(drawn) == 6  # another metric: top-1 and top-5 against lr, top-1 against GPU-hours
     (root / "results" / "test_acc_curves.svg").unlink()
     drawn.clear()
     analysis.write_report(str(root), metric="last")

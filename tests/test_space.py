@@ -38,11 +38,24 @@ def test_dry_run_of_each_shipped_file(name, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"\n{EXPECTED_TRIALS[name]} trials" in out
     assert "resources per trial" in out
-    estimate = re.search(r"compute: ([\d.]+) GPU-hours(?: \(([\d.]+) one trial at a time\))?", out)
-    hours, alone = float(estimate[1]), float(estimate[2] or estimate[1])
-    assert hours <= alone and (hours > 0) == (name != "quickstart.yaml")  # seconds on synthetic
-    assert (estimate[2] is not None) == space.load(SHIPPED / name).group_students
+    estimate = re.search(
+        r"compute: (under )?([\d.]+) GPU-hours(?: \((?:under )?([\d.]+) one trial at a time\))?",
+        out,
+    )
+    hours, alone = float(estimate[2]), float(estimate[3] or estimate[2])
+    assert hours > 0 and hours <= alone
+    assert (estimate[1] is not None) == (name == "quickstart.yaml")  # seconds on synthetic data
+    assert (estimate[3] is not None) == space.load(SHIPPED / name).group_students
     assert not storage.exists()
+
+
+def test_dry_run_of_trials_on_cpus_prints_no_gpu_hours(tmp_path, capsys):
+    """Trials without a GPU: no GPU estimate applies to them, and none is printed as 0.0."""
+    quickstart, storage = str(SHIPPED / "quickstart.yaml"), str(tmp_path / "results")
+    argv = ["--dry-run", "--space", quickstart, "--set", "resources.gpu=0", "--storage", storage]
+    assert run.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "estimated compute: - (trials run on CPUs" in out and "GPU-hours" not in out
 
 
 def test_the_study_grid_crosses_loss_lr_and_seed():

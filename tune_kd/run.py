@@ -115,13 +115,25 @@ def describe_plan(space: Space) -> str:
     for need in space.teachers:
         source = need.checkpoint or f"trained first (recipe {teachers.recipe_hash(need.recipe)})"
         lines.append(f"teacher {need.arch}: {source}")
+    lines.append(f"estimated compute: {estimated_compute(space)}")
+    return "\n".join(lines)
+
+
+def estimated_compute(space: Space) -> str:
+    """The dry run's estimate: GPU-hours on one H100 to one decimal (`under 0.05` rather than a
+    rounded 0.0), or `-` for trials that run on CPUs, where none is known."""
+    if not space.resources.gpu:
+        return "- (trials run on CPUs; the estimate is of GPU time only)"
     hours, alone = plan_gpu_hours(space), plan_gpu_hours(space, grouped=False)
-    lines.append(
-        f"estimated compute: {hours:.1f} GPU-hours"
-        + (f" ({alone:.1f} one trial at a time)" if hours != alone else "")
+
+    def shown(value: float) -> str:
+        return f"{value:.1f}" if value >= 0.05 else "under 0.05"
+
+    return (
+        f"{shown(hours)} GPU-hours"
+        + (f" ({shown(alone)} one trial at a time)" if hours != alone else "")
         + " from throughput measured on one H100 (docs/PERFORMANCE.md)"
     )
-    return "\n".join(lines)
 
 
 def method_notes(space: Space) -> list[str]:

@@ -14,7 +14,7 @@ trial and epoch (`epochs_frame`). A trial's status is the first of these that ho
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +41,7 @@ STATUSES = ("completed", "diverged", "error", "running", "pending")
 TRIAL_RESULTS = {
     "best_test_acc": "float64",
     "best_epoch": "Int64",
+    "best_test_acc_top5": "float64",
     "final_test_acc": "float64",
     "final_test_acc_top5": "float64",
     "epochs_done": "int64",
@@ -48,6 +49,7 @@ TRIAL_RESULTS = {
     "wall_seconds": "float64",
     "gpu_fraction": "float64",
     "gpu_hours": "float64",
+    "cpu_hours": "float64",
     "teacher_test_acc": "float64",
     "error": "string",  # the message of a trial that ended in error
 }
@@ -94,8 +96,7 @@ def load_experiment(location: str, cache: str | None = None) -> Experiment:
     for problem in problems:
         log.warning("warning: %s", problem)
     epochs = epochs_table(runs)
-    gpu = float(plan.get("resources", {}).get("gpu") or 0.0)
-    trials = trials_frame(runs, epoch_results(runs, epochs), gpu)
+    trials = trials_frame(runs, epoch_results(runs, epochs), plan.get("resources") or {})
     return Experiment(storage.uri, plan, trials, epochs_frame(epochs), problems)
 
 
@@ -118,12 +119,25 @@ def epochs_frame(epochs: pa.Table) -> pd.DataFrame:
     return epochs.to_pandas()
 
 
+def trial_cost(run: TrialRun, resources: Mapping[str, Any]) -> dict[str, float | None]:
+    """A trial's share of what its Ray trial held (the plan's `resources`, split between the
+    students it trained): GPU-hours where it held a GPU, CPU-hours where it ran on CPUs only;
+    None where unknown (no time yet, or a plan without resources)."""
+    gpu, cpu = resources.get("gpu"), resources.get("cpu")
+    hours = None if run.wall_seconds is None else run.wall_seconds / 3600 / run.group_size
+    return {
+        "gpu_fraction": None if gpu is None else float(gpu),
+        "gpu_hours": hours * gpu if hours is not None and gpu else None,
+        "cpu_hours": hours * cpu if hours is not None and gpu == 0 and cpu else None,
+    }
+
+
 def trials_frame(
-    runs: Sequence[TrialRun], results: Sequence[dict[str, Any]], gpu_fraction: float
+    runs: Sequence[TrialRun], results: Sequence[dict[str, Any]], resources: Mapping[str, Any]
 ) -> pd.DataFrame:
-    """One row per planned trial: id, status, labels, accuracies, epochs, time and GPU-hours;
-    `results` are the runs' `epoch_results`."""
-    records = [trial_record(run, dict(r), gpu_fraction) for run, r in zip(runs, results)]
+    """One row per planned trial: id, status, labels, accuracies, epochs, time, and GPU-hours or
+    CPU-hours (`trial_cost` of the plan's `resources`); `results` are the runs' `epoch_results`."""
+    records = [trial_record(run, dict(r), resources) for run, r in zip(runs, results)]
     labels = list(dict.fromkeys(k for run in runs for k in run.labels))
     columns = {key: pd.Series([r[key] for r in records]) for key in ("trial_id", "status")}
     for key in labels:
@@ -133,9 +147,11 @@ def trials_frame(
     return pd.DataFrame(columns)
 
 
-def trial_record(run: TrialRun, results: dict[str, Any], gpu_fraction: float) -> dict[str, Any]:
-    """One run's row of the trials frame, from its `epoch_results` and what Tune says."""
-    wall = run.wall_seconds
+def trial_record(
+    run: TrialRun, results: dict[str, Any], resources: Mapping[str, Any]
+) -> dict[str, Any]:
+    """One run's row of the trials frame, from its `epoch_results`, what Tune says and the plan's
+    `resources`."""
     status = trial_status(run, results["epochs_done"], results.pop("diverged"))
     return {
         "trial_id": run.trial_id,
@@ -143,17 +159,17 @@ def trial_record(run: TrialRun, results: dict[str, Any], gpu_fraction: float) ->
         **run.labels,
         **results,
         "epochs_planned": run.epochs_planned,
-        "wall_seconds": wall,
-        "gpu_fraction": gpu_fraction,
-        "gpu_hours": None if wall is None else wall * gpu_fraction / 3600 / run.group_size,
+        "wall_seconds": run.wall_seconds,
+        **trial_cost(run, resources),
         "error": (run.error or "unknown error") if status == "error" else None,
     }
 
 
 def epoch_results(runs: Sequence[TrialRun], epochs: pa.Table) -> list[dict[str, Any]]:
-    """Per run: best accuracy and its epoch, the last epoch's accuracies and `diverged`, epochs
-    done, teacher accuracy. Read from `epochs_table(runs)`, where each run's rows follow the
-    previous run's; a metric counts where the run reported it."""
+    """Per run: best accuracy and its epoch, the best top-5 accuracy (over the epochs, as the best
+    top-1's), the last epoch's accuracies and `diverged`, epochs done, teacher accuracy. Read
+    from `epochs_table(runs)`, where each run's rows follow the previous run's; a metric counts
+    where the run reported it."""
     counts = np.array([run.metrics.num_rows for run in runs], dtype=np.int64)
     ends = np.cumsum(counts)
     last = {key: last_values(epochs, key, ends - 1, counts) for key in LAST_VALUES}
@@ -166,6 +182,7 @@ def epoch_results(runs: Sequence[TrialRun], epochs: pa.Table) -> list[dict[str, 
         results.append(
             {
                 **best_result(own, "best_test_acc" if "best_test_acc" in reported else "test_acc"),
+                "best_test_acc_top5": best_finite(own["test_acc_top5"]),
                 "final_test_acc": last["test_acc"][index] if "test_acc" in reported else None,
                 "final_test_acc_top5": last["test_acc_top5"][index]
                 if "test_acc_top5" in reported
@@ -179,7 +196,7 @@ def epoch_results(runs: Sequence[TrialRun], epochs: pa.Table) -> list[dict[str, 
 
 
 LAST_VALUES = ("test_acc", "test_acc_top5", "diverged")
-NUMBER_COLUMNS = ("epoch", "best_test_acc", "test_acc", "teacher_test_acc")
+NUMBER_COLUMNS = ("epoch", "best_test_acc", "test_acc", "test_acc_top5", "teacher_test_acc")
 
 
 def best_result(columns: dict[str, np.ndarray], key: str) -> dict[str, Any]:
@@ -189,6 +206,12 @@ def best_result(columns: dict[str, np.ndarray], key: str) -> dict[str, Any]:
         return {"best_test_acc": None, "best_epoch": None}
     at = int(np.nanargmax(np.where(np.isfinite(values), values, np.nan)))
     return {"best_test_acc": float(values[at]), "best_epoch": int(columns["epoch"][at])}
+
+
+def best_finite(values: np.ndarray) -> float | None:
+    """The largest finite value; None without one."""
+    finite = values[np.isfinite(values)]
+    return float(finite.max()) if len(finite) else None
 
 
 def last_finite(values: np.ndarray) -> float | None:

@@ -12,10 +12,23 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from tune_kd.analysis.cells import METRIC_COLUMNS, cell_keys, cell_stats, summarize, summary_keys
+from tune_kd.analysis.cells import (
+    METRIC_COLUMNS,
+    TOP5_COLUMNS,
+    cell_keys,
+    cell_stats,
+    summarize,
+    summary_keys,
+)
 from tune_kd.analysis.frames import Experiment
 from tune_kd.analysis.published import missing
-from tune_kd.analysis.tables import METRIC_NAMES, format_accuracy, format_value, pair_methods
+from tune_kd.analysis.tables import (
+    METRIC_NAMES,
+    TOP5_NAMES,
+    format_accuracy,
+    format_value,
+    pair_methods,
+)
 
 
 def groups_of(
@@ -49,30 +62,31 @@ def plot_accuracy_vs_lr(
 
 def accuracy_vs_lr_figure(cells: pd.DataFrame, metric: str) -> Figure | None:
     """`plot_accuracy_vs_lr` of its cells (`summarize`)."""
-    title = f"Student {METRIC_NAMES[metric].removesuffix(' (%)')} against learning rate"
-    fig = lr_figure(cells, METRIC_NAMES[metric], title)
+    fig = lr_figure(cells, METRIC_NAMES[metric])
     if fig is not None:
         reference_lines(fig.axes[0], cells)
         fig.axes[0].legend(fontsize="small")
     return fig
 
 
-def plot_top5_vs_lr(trials: pd.DataFrame) -> Figure | None:
-    """Final-epoch top-5 accuracy against learning rate per cell; None without an lr axis."""
-    return top5_vs_lr_figure(cell_stats(trials, "final_test_acc_top5"))
+def plot_top5_vs_lr(trials: pd.DataFrame, metric: str = "best") -> Figure | None:
+    """Top-5 accuracy against learning rate per cell, of the same `metric` as the top-1 plot and
+    the tables (`best`: the best over the epochs; `last`: the final epoch's); None without an lr
+    axis."""
+    return top5_vs_lr_figure(cell_stats(trials, TOP5_COLUMNS[metric]), metric)
 
 
-def top5_vs_lr_figure(cells: pd.DataFrame) -> Figure | None:
-    """`plot_top5_vs_lr` of its cells (`cell_stats` of the final top-5 accuracy)."""
-    fig = lr_figure(
-        cells, METRIC_NAMES["top5"], "Student top-5 test accuracy against learning rate"
-    )
+def top5_vs_lr_figure(cells: pd.DataFrame, metric: str) -> Figure | None:
+    """`plot_top5_vs_lr` of its cells (`cell_stats` of the metric's top-5 column)."""
+    fig = lr_figure(cells, TOP5_NAMES[metric])
     if fig is not None:
         fig.axes[0].legend(fontsize="small")
     return fig
 
 
-def lr_figure(cells: pd.DataFrame, ylabel: str, title: str) -> Figure | None:
+def lr_figure(cells: pd.DataFrame, ylabel: str) -> Figure | None:
+    """`ylabel` (`... (%)`) of each cell against its learning rate, titled by it; None without
+    two learning rates."""
     cells = cells[cells["n"] > 0]
     if "lr" not in cells or cells["lr"].nunique() < 2:
         return None
@@ -89,6 +103,7 @@ def lr_figure(cells: pd.DataFrame, ylabel: str, title: str) -> Figure | None:
     ax.minorticks_off()
     ax.set_xlabel("initial learning rate (log scale)")
     ax.set_ylabel(ylabel)
+    title = f"Student {ylabel.removesuffix(' (%)')} against learning rate"
     ax.set_title(title + "\n(mean ± std over seeds; a point without a bar had one finished trial)")
     ax.grid(alpha=0.3)
     return fig
@@ -264,7 +279,7 @@ def drawings(experiment: Experiment, metric: str = "best") -> dict[str, Drawing]
             curves_figure,
             (curve_panels(epochs, trials, "test_loss"), "test_loss"),
         ),
-        "top5_vs_lr": (top5_vs_lr_figure, (cell_stats(trials, "final_test_acc_top5"),)),
+        "top5_vs_lr": (top5_vs_lr_figure, (cell_stats(trials, TOP5_COLUMNS[metric]), metric)),
         "accuracy_vs_gpu_hours": (accuracy_vs_gpu_hours_figure, (metric_cells, metric)),
         "methods_per_pair": (methods_figure, (pair_methods(summarize(trials, metric)), metric)),
     }

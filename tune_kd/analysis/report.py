@@ -163,7 +163,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--metric",
         choices=list(METRIC_COLUMNS),
         default="best",
-        help="best: best test accuracy over the epochs (the paper's); last: the final epoch's",
+        help="best: best test accuracy over the epochs (the paper's); last: the final epoch's;"
+        " the tables and the top-1 and top-5 plots show the same one",
     )
     return parser
 

@@ -12,11 +12,9 @@ from tune_kd.analysis.frames import STATUSES, label_keys
 from tune_kd.analysis.published import missing
 from tune_kd.analysis.runs import CONTEXT_KEYS
 
-METRIC_NAMES = {
-    "best": "best test accuracy (%)",
-    "last": "final-epoch test accuracy (%)",
-    "top5": "final-epoch top-5 test accuracy (%)",
-}
+# What each `metric` choice summarises, as a table's or an axis' label: top-1, and its top-5.
+METRIC_NAMES = {"best": "best test top-1 (%)", "last": "final-epoch test top-1 (%)"}
+TOP5_NAMES = {"best": "best test top-5 (%)", "last": "final-epoch test top-5 (%)"}
 BEST_MARK, INCOMPLETE_MARK = "★", "†"
 LEGEND = f"{BEST_MARK} best cell; {INCOMPLETE_MARK} fewer trials finished than planned"
 
@@ -43,10 +41,11 @@ def format_accuracy(mean: Any, std: Any, n: Any) -> str:
 
 def display_table(summary: pd.DataFrame, metric: str = "best") -> pd.DataFrame:
     """The summary as text, one column per thing a reader compares; columns without any known
-    value (no published number, no teacher) and the context keys of `shared_line` are left out."""
+    value (no published number, no teacher, no GPU-hours on CPUs) and the context keys of
+    `shared_line` are left out."""
     rows = [display_row(cell, summary_keys(summary)) for cell in summary.to_dict("records")]
     table = pd.DataFrame(rows).rename(columns={"result": METRIC_NAMES[metric]})
-    optional = ["teacher (%)", "published teacher", "published", "vs paper SimKD"]
+    optional = ["GPU-h", "CPU-h", "teacher (%)", "published teacher", "published", "vs paper SimKD"]
     unknown = [c for c in optional if table[c].eq("-").all()]
     return table.drop(columns=[*unknown, *shared_context(summary)])
 
@@ -75,7 +74,8 @@ def display_row(cell: Mapping[str, Any], keys: Sequence[str]) -> dict[str, str]:
         "n": f"{cell['n']}/{cell['n_planned']}"
         + (f" {INCOMPLETE_MARK}" if cell["incomplete"] else ""),
         "not finished": ", ".join(f"{cell[s]} {s}" for s in STATUSES[1:] if cell[s]) or "-",
-        "GPU-h": format_value(cell["gpu_hours"], ".2f"),
+        "GPU-h": format_hours(cell["gpu_hours"]),
+        "CPU-h": format_hours(cell["cpu_hours"]),
         "teacher (%)": format_value(cell["teacher_acc"], ".2f"),
         "published teacher": format_value(cell["published_teacher"], ".2f"),
         "published": "-" if published == "—" else f"{published} ({cell['published_source']})",
@@ -90,6 +90,14 @@ def format_value(value: Any, spec: str = "") -> str:
     if spec:
         return format(value, spec)
     return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def format_hours(hours: Any) -> str:
+    """Hours as table text: two decimals, two significant digits below 0.1 (a short trial's
+    0.0031, never 0.00); `-` when unknown."""
+    if missing(hours):
+        return "-"
+    return format(hours, ".2f" if hours >= 0.1 else ".2g")
 
 
 def status_line(summary: pd.DataFrame) -> str:
