@@ -183,14 +183,18 @@ class Space:
     @functools.cached_property
     def groups(self) -> list[list[Trial]]:
         """Trials packed into Ray trials: one each, or with `group_students`, every trial that
-        differs from another only in student-side keys in one group sharing the teacher's pass.
-        Computed once per Space (a changed space is a new Space, packed anew)."""
+        differs from another only in student-side keys in one group sharing the teacher's pass
+        (students trained without a teacher apart from those with one, whose teacher's file is
+        known only once it is trained). Computed once per Space (a changed space is a new Space,
+        packed anew)."""
         if not self.group_students:
             return [[t] for t in self.trials]
         packed: dict[str, list[Trial]] = {}
         for trial in self.trials:
             values = trial.config.to_dict()
-            key = json.dumps({k: values[k] for k in SHARED_KEYS}, sort_keys=True, default=str)
+            shared = {k: values[k] for k in SHARED_KEYS if k != "teacher_checkpoint"}
+            shared["teacher"] = trial.teacher_key
+            key = json.dumps(shared, sort_keys=True, default=str)
             packed.setdefault(key, []).append(trial)
         return list(packed.values())
 
