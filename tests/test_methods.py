@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 import torch
+from conftest import ROOT, sweep
 from test_fused import SMALL, assert_same_metrics, fused_steps, train_members  # noqa: F401
 
 from tune_kd import distillers, models, run
@@ -118,3 +120,29 @@ def test_the_dry_run_says_what_crd_needs_and_which_methods_do_not_fuse(tmp_path,
     assert f"method crd: each trial needs about {(gathered + banks) / 2**30:.1f} GiB" in out
     assert "method kd:" not in out
     assert "not fused, trained one after another in their groups: crd\n" in out
+
+
+@pytest.mark.e2e
+def test_every_method_runs_in_one_grouped_sweep(tmp_path):
+    """`methods_quick.yaml` through `python -m tune_kd.run`, shrunk: every method planned, trained
+    and compared per pair in the results."""
+    shrink = {
+        "synthetic_train_size": 128,
+        "synthetic_test_size": 64,
+        "batch_size": 32,
+        "epochs": 2,
+        "lr_decay_epochs": "[1]",
+        "nce_k": 32,
+        "teacher_train.epochs": 1,
+        "teacher_train.lr_decay_epochs": "[1]",
+    }
+    sets = [part for k, v in shrink.items() for part in ("--set", f"{k}={v}")]
+    space = ROOT / "search_spaces" / "methods_quick.yaml"
+    done = sweep("--space", str(space), *sets, "--storage", str(tmp_path), "--name", "m")
+    assert done.returncode == 0, done.stderr[-3000:]
+    names = ["student", *[m for m in distillers.names() if m != "student"]]
+    assert f"{len(names)} planned: {len(names)} completed" in done.stdout
+    trials = pd.read_parquet(tmp_path / "m" / "results" / "trials.parquet")
+    assert sorted(trials["method"]) == sorted(names)
+    assert set(trials["status"]) == {"completed"}
+    assert (tmp_path / "m" / "results" / "methods.md").exists()

@@ -257,9 +257,12 @@ def check_key(key: str, value: Any, where: str | None = None) -> Any:
 
 
 def check_used(given: Iterable[str], methods: Iterable[str]) -> None:
-    """Refuse a key that was given for trials none of whose `methods` reads it."""
+    """Refuse a key that was given for trials none of whose `methods` reads it (a teacher given
+    for the student alone is let be: one file often serves a baseline and the methods)."""
     methods = sorted(set(methods))
     for key in given:
+        if key in ("teacher", "teacher_checkpoint"):
+            continue
         if methods and all(key in UNUSED_BY_METHOD[m] for m in methods):
             users = [m for m in distillers.names() if key not in UNUSED_BY_METHOD[m]]
             raise ConfigError(
