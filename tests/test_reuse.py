@@ -164,3 +164,58 @@ def test_truncation_does_not_round():
     assert truncated_percent(0.805275) == 80.52
     assert truncated_percent(0.834065) == 83.40
     assert truncated_percent(0.8053) == 80.53  # no float error below an exact value
+
+
+def reuse_experiment(root) -> str:
+    """One completed trial each of the student, KD, SimKD and reuse from stage 2."""
+    from test_analysis import curve, engine_rows, tune_line, write_lines, write_params, write_plan
+
+    cells = [
+        {"method": "student"},
+        {"method": "kd", "teacher": "resnet32x4"},
+        {"method": "simkd", "teacher": "resnet32x4"},
+        {"method": "reuse", "teacher": "resnet32x4", "reuse_stage": 2},
+    ]
+    trials = []
+    for index, cell in enumerate(cells):
+        labels = {"student": "resnet8x4", "teacher": None, "reuse_stage": None, **cell, "seed": 0}
+        config = {
+            "epochs": 4,
+            "lr_decay_epochs": [2],
+            **{k: v for k, v in labels.items() if v is not None},
+        }
+        trials.append({"index": index, "axes": {}, "labels": labels, "config": config})
+        folder = root / f"group_{index:04d}"
+        write_params(folder, {"index": index, "students": 1})
+        rows = engine_rows(curve(70 + index))
+        write_lines(folder, [tune_line(row, index, 900.0) for row in rows])
+    write_plan(root, trials, [[i] for i in range(len(cells))])
+    return str(root)
+
+
+def test_an_experiment_with_reuse_trials_has_pruning_ratios_and_their_plot(tmp_path):
+    from tune_kd import analysis
+    from tune_kd.analysis.plots import drawings, figures
+
+    experiment = analysis.load_experiment(reuse_experiment(tmp_path / "reuse-sweep"))
+    ratios = dict(zip(experiment.trials["method"], experiment.trials["pruning_ratio"]))
+    assert ratios == {"student": 83.40, "kd": 83.40, "simkd": 80.52, "reuse": 19.15}
+    summary = analysis.summarize(experiment.trials)
+    assert "pruning_ratio" in summary.columns
+    reuse = summary[summary["method"].eq("reuse")].iloc[0]
+    assert reuse["published_mean"] == 78.47  # SimKD+, configuration inferred (its note says so)
+    assert "inferred" in reuse["published_note"]
+    figure = figures(experiment)["accuracy_vs_pruning_ratio"]
+    [ax] = figure.axes
+    dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert [line.get_xdata()[0] for line in dashed] == [83.40]  # KD's ratio
+    # Experiments without reuse trials: no ratio, no such plot.
+    assert "accuracy_vs_pruning_ratio" not in drawings(
+        experiment.__class__(
+            experiment.location,
+            experiment.plan,
+            experiment.trials.drop(columns="pruning_ratio"),
+            experiment.epochs,
+            [],
+        )
+    )

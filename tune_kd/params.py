@@ -15,6 +15,9 @@ import functools
 import math
 from dataclasses import dataclass
 
+import torch
+from torch import nn
+
 from tune_kd import distillers, models
 from tune_kd.config import Config
 from tune_kd.distillers.base import parameter_count
@@ -56,11 +59,18 @@ def _deployed(
         "teacher": teacher if cls.uses_teacher else None,
     }
     config = Config.from_dict({**values, **dict(zip(cls.structure_keys, structure, strict=True))})
-    student_model = models.create(student, num_classes)
-    teacher_model = models.create(teacher, num_classes) if teacher else None
+    student_model = _model(student, num_classes)
+    teacher_model = _model(teacher, num_classes) if teacher else None
     uses = teacher_model if cls.uses_teacher else None
     count = cls.deployed_parameters(config, student_model, uses)
     if teacher_model is None:
         return Deployed(count, None, None)
     total = parameter_count(teacher_model)
     return Deployed(count, total, truncated_percent(1 - count / total))
+
+
+@functools.cache
+def _model(name: str, num_classes: int) -> nn.Module:
+    """An architecture on the meta device: shapes and counts without memory or initialisation."""
+    with torch.device("meta"):
+        return models.create(name, num_classes)
