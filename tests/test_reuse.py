@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from tune_kd import distillers, models
+from tune_kd import distillers, models, run
 from tune_kd.config import Config, resolve
 from tune_kd.distillers import Batch, Teacher
 from tune_kd.distillers.base import parameter_count
@@ -219,3 +220,14 @@ def test_an_experiment_with_reuse_trials_has_pruning_ratios_and_their_plot(tmp_p
             [],
         )
     )
+
+
+def test_the_dry_run_prints_each_configurations_pruning_ratio(tmp_path, capsys):
+    space = Path(__file__).parents[1] / "search_spaces" / "paper_reuse.yaml"
+    assert run.main(["--dry-run", "--space", str(space), "--storage", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    notes = out[out.index("deployed parameters per configuration:") :].splitlines()[1:10]
+    assert notes[0].startswith("  method=student student=resnet8x4:")
+    ratios = [float(line.rsplit("pruning ratio ", 1)[1].rstrip(" %")) for line in notes]
+    assert ratios[:3] == [83.40, 83.40, 80.52]  # student, KD, SimKD: the paper's Table S.10
+    assert 19.15 in ratios and min(ratios) < 15.97 < max(r for r in ratios if r < 80)

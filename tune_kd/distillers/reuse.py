@@ -68,7 +68,7 @@ class ReuseDistiller(Distiller):
         key(
             "reuse_stage",
             None,
-            "teacher stage after which the teacher is reused (default: the last = SimKD)",
+            "stage k: the student runs up to it, the teacher after it (default: last = SimKD)",
             kind=int | None,
             low=1,
         ),
