@@ -396,7 +396,7 @@ def test_published_table_holds_the_seed_numbers():
     assert (simkd.iloc[0]["mean"], simkd.iloc[0]["std"], simkd.iloc[0]["n"]) == (75.43, 0.26, 4)
     designs = published.loc[published["table"] == "Table 5", "projector_design"]
     assert list(designs) == ["1x1", "1x1-1x1", "1x1-dw3x3-1x1", "1x1-3x3-1x1"]
-    assert set(published["method"]) == {"student", "teacher", *PAPER_METHODS, "dkd"}
+    assert set(published["method"]) == {"student", "teacher", *PAPER_METHODS, "dkd", "reuse"}
 
 
 PAPER_METHODS = ("kd", "fitnet", "at", "sp", "vid", "crd", "srrl", "semckd", "simkd")
@@ -420,12 +420,14 @@ def test_published_table_holds_every_method_of_tables_1_and_2_and_dkd():
         ("Table 2", 76.67, 0.27),
     ]
     keys = ["source", "table", "teacher", "student", "method", "loss", "projector", "lr"]
-    keys += ["projector_design", "teacher_correct_only"]
+    keys += ["projector_design", "teacher_correct_only", "reuse_stage", "reuse_factor"]
     assert not published.duplicated(keys).any()
     dkd = published[published["method"] == "dkd"]
     assert len(dkd) == 11 and dkd["std"].isna().all() and dkd["note"].notna().all()
     assert dkd["source"].str.contains("DKD").all()
-    assert published.loc[published["method"] != "dkd", "note"].isna().all()
+    inferred = published["method"].eq("reuse")  # SimKD+ / SimKD++: configurations inferred
+    assert published.loc[inferred, "note"].str.contains("configuration").all()
+    assert published.loc[~inferred & (published["method"] != "dkd"), "note"].isna().all()
     shufflev2 = dkd[(dkd["teacher"] == "resnet32x4") & (dkd["student"] == "ShuffleV2")]
     assert shufflev2["mean"].item() == 77.07
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tune_kd import cli, cost, distillers, plan, teachers, tuner
+from tune_kd import cli, cost, distillers, params, plan, teachers, tuner
 from tune_kd import data as datasets
 from tune_kd import space as spaces
 from tune_kd.config import ConfigError
@@ -112,6 +112,7 @@ def describe_plan(space: Space) -> str:
         f" scheduler {space.scheduler.name}; search {space.search.algorithm}"
     )
     lines += method_notes(space)
+    lines += deployment_notes(space)
     for need in space.teachers:
         source = need.checkpoint or f"trained first (recipe {teachers.recipe_hash(need.recipe)})"
         lines.append(f"teacher {need.arch}: {source}")
@@ -153,6 +154,34 @@ def method_notes(space: Space) -> list[str]:
     if fusing and apart:
         lines.append(f"not fused, trained one after another in their groups: {', '.join(apart)}")
     return lines
+
+
+def deployment_notes(space: Space) -> list[str]:
+    """Per distinct configuration, the parameters of the network it deploys and its pruning ratio
+    (`tune_kd.params`) against its teacher; for a student trained alone, against the plan's
+    teacher when it has only one."""
+    archs = {need.arch for need in space.teachers}
+    reference = archs.pop() if len(archs) == 1 else None
+    shown: dict[str, str] = {}
+    for trial in space.trials:
+        config = trial.config
+        method = distillers.get(config.method)
+        label = {"method": config.method, "student": config.student}
+        if method.uses_teacher:
+            label["teacher"] = config.teacher
+        label.update(zip(method.structure_keys, distillers.structure(config)))
+        name = " ".join(f"{k}={v}" for k, v in label.items())
+        if name in shown:
+            continue
+        try:
+            result = params.deployed(config, reference)
+        except ValueError as error:
+            raise SpaceError(space.path, "reuse_stage", str(error)) from error
+        ratio = (
+            "" if result.pruning_ratio is None else f", pruning ratio {result.pruning_ratio:.2f} %"
+        )
+        shown[name] = f"  {name}: {result.parameters:,} parameters{ratio}"
+    return ["deployed parameters per configuration:", *shown.values()] if shown else []
 
 
 def format_bytes(count: int) -> str:

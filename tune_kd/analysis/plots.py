@@ -272,7 +272,7 @@ def drawings(experiment: Experiment, metric: str = "best") -> dict[str, Drawing]
     figure is `function(*arguments)`, None where its data is lacking."""
     trials, epochs = experiment.trials, experiment.epochs
     metric_cells = cell_stats(trials, METRIC_COLUMNS[metric])
-    return {
+    drawn: dict[str, Drawing] = {
         "accuracy_vs_lr": (accuracy_vs_lr_figure, (summarize(trials, metric), metric)),
         "test_acc_curves": (curves_figure, (curve_panels(epochs, trials, "test_acc"), "test_acc")),
         "test_loss_curves": (
@@ -283,6 +283,9 @@ def drawings(experiment: Experiment, metric: str = "best") -> dict[str, Drawing]
         "accuracy_vs_gpu_hours": (accuracy_vs_gpu_hours_figure, (metric_cells, metric)),
         "methods_per_pair": (methods_figure, (pair_methods(summarize(trials, metric)), metric)),
     }
+    if "pruning_ratio" in trials:  # the labels of experiments with `reuse` trials only
+        drawn["accuracy_vs_pruning_ratio"] = (accuracy_vs_pruning_figure, (metric_cells, metric))
+    return drawn
 
 
 def figures(experiment: Experiment, metric: str = "best") -> dict[str, Figure]:
@@ -358,3 +361,48 @@ def methods_panel(ax: Axes, cells: pd.DataFrame, name: str) -> None:
     ax.set_title(name, fontsize="medium")
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize="small", loc="lower right")
+
+
+REUSE_MARKS = {"reuse_stage": "k", "reuse_factor": "r"}  # how a reuse cell is annotated
+
+
+def accuracy_vs_pruning_figure(cells: pd.DataFrame, metric: str) -> Figure | None:
+    """The paper's Figure 6: accuracy (mean ± std over seeds) against the pruning ratio of what
+    each cell deploys (`tune_kd.params`), one series per method, the reuse cells annotated with
+    their stage and factor where swept, vanilla KD's ratio as a gray dashed line; None without
+    ratios."""
+    if "pruning_ratio" not in cells:
+        return None
+    cells = cells[(cells["n"] > 0) & cells["pruning_ratio"].notna()]
+    if cells.empty:
+        return None
+    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
+    ax = fig.subplots()
+    for method, part in cells.groupby("method", sort=False):
+        ax.errorbar(
+            part["pruning_ratio"],
+            part["mean"],
+            yerr=part["std"].fillna(0),
+            fmt="o",
+            capsize=3,
+            label=method,
+        )
+        if method == "reuse":
+            for _, cell in part.iterrows():
+                swept = [(k, name) for k, name in REUSE_MARKS.items() if not missing(cell.get(k))]
+                ax.annotate(
+                    ", ".join(f"{name}={format_value(cell[k])}" for k, name in swept),
+                    (cell["pruning_ratio"], cell["mean"]),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    fontsize="x-small",
+                )
+    kd = cells.loc[cells["method"].eq("kd"), "pruning_ratio"]
+    if not kd.empty:
+        ax.axvline(kd.iloc[0], color="gray", linestyle="--", label="KD's pruning ratio")
+    ax.set_xlabel("pruning ratio (%) of the deployed network against the teacher")
+    ax.set_ylabel(METRIC_NAMES[metric])
+    ax.set_title("Accuracy against pruning ratio per grid cell (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig

@@ -21,6 +21,8 @@ MATCH_KEYS = (
     "projector_design",
     "teacher_correct_only",
     "lr",
+    "reuse_stage",
+    "reuse_factor",
 )
 
 PUBLISHED_COLUMNS = {
@@ -43,16 +45,17 @@ def with_published(cells: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame
 
 
 def published_numbers() -> pd.DataFrame:
-    """The paper's Tables 1, 2 and 5, DKD's CIFAR-100 numbers and the study's tables
-    (`tune_kd/published.csv`); keys a row does not constrain are null, as is the `note` (how
-    numbers from elsewhere were measured) of a row without one."""
+    """The paper's Tables 1, 2, 5 and S.10 (SimKD+ and SimKD++), DKD's CIFAR-100 numbers and the
+    study's tables (`tune_kd/published.csv`); keys a row does not constrain are null, as is the
+    `note` (how numbers from elsewhere were measured, or a configuration inferred) of a row
+    without one."""
     text = resources.files("tune_kd").joinpath("published.csv").read_text()
     rows = list(csv.DictReader(io.StringIO(text)))
     frame = pd.DataFrame(rows).replace("", None)
     frame["teacher_correct_only"] = frame["teacher_correct_only"].map(
         {"true": True, "false": False}, na_action="ignore"
     )
-    for key in ("lr", "mean", "std"):
+    for key in ("lr", "reuse_stage", "reuse_factor", "mean", "std"):
         frame[key] = pd.to_numeric(frame[key])
     frame["n"] = pd.to_numeric(frame["n"]).astype("Int64")
     return frame

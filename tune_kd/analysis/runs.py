@@ -55,6 +55,8 @@ def planned_runs(
         )
         for t in plan["trials"]
     }
+    for index, ratio in pruning_ratios(plan["trials"]).items():
+        runs[index].labels["pruning_ratio"] = ratio
     groups = plan.get("groups") or [[index] for index in runs]
     for name in sorted({*folders, *states}):
         match = TRIAL_FOLDER.fullmatch(name)
@@ -64,6 +66,28 @@ def planned_runs(
         members = [runs[index] for index in groups[int(match[1])]]
         fill_runs(members, folders.get(name), states.get(name))
     return list(runs.values())
+
+
+def pruning_ratios(trials: Sequence[Mapping[str, Any]]) -> dict[int, float | None]:
+    """Each planned trial's pruning ratio (`tune_kd.params`, the paper's Figure 6 axis) by its
+    index, for plans with `reuse` trials only (empty otherwise); a student trained alone is
+    compared with the plan's teacher when it has only one."""
+    configs = {t["index"]: t.get("config", {}) for t in trials}
+    if not any(c.get("method") == "reuse" for c in configs.values()):
+        return {}
+    from tune_kd.config import Config  # torch and the models: only for such plans
+    from tune_kd.params import deployed
+
+    teachers = {c.get("teacher") for c in configs.values() if c.get("method") != "student"}
+    reference = teachers.pop() if len(teachers) == 1 else None
+
+    def ratio(config: Mapping[str, Any]) -> float | None:
+        try:
+            return deployed(Config.from_dict(config), reference).pruning_ratio
+        except ValueError:  # a configuration this version no longer reads: no ratio
+            return None
+
+    return {index: ratio(config) for index, config in configs.items()}
 
 
 def sampled_runs(

@@ -10,6 +10,7 @@ from tune_kd.distillers import (  # noqa: F401  (registers the methods)
     dkd,
     fitnet,
     kd,
+    reuse,
     semckd,
     simkd,
     sp,

@@ -78,6 +78,12 @@ def stage_shapes(model: nn.Module, image_size: int = 32) -> list[StageShape]:
     return [StageShape(s[0], s[-1]) for s in feature_shapes(model, image_size)[1:-1]]
 
 
+def parameter_count(*modules: nn.Module) -> int:
+    """Parameters of `modules` together, a parameter they share counted once."""
+    unique = {id(p): p for module in modules for p in module.parameters()}
+    return sum(p.numel() for p in unique.values())
+
+
 def align(feat_s: Tensor, feat_t: Tensor) -> tuple[Tensor, Tensor]:
     """Average-pool the larger of the two maps to the smaller's (square) spatial size: how the
     official code pairs maps of different sizes."""
@@ -186,6 +192,14 @@ class Distiller(nn.Module):
         """Device memory a run of `config` needs beyond its networks and their activations (state
         kept per training image, large temporaries), on a training set of `train_images`."""
         return 0
+
+    @classmethod
+    def deployed_parameters(
+        cls, config: Config, student: nn.Module, teacher: nn.Module | None
+    ) -> int:
+        """Parameters of the network `config`'s method deploys (`tune_kd.params`), given its
+        student and teacher models: the student alone unless the method reuses teacher layers."""
+        return parameter_count(student)
 
     def forward(self, images: Tensor) -> dict[str, Any]:
         """The trainable half of a step: what `loss` reads, from this distiller's own modules only.

@@ -25,6 +25,7 @@ from tune_kd.distillers.base import (
     TeacherOutput,
     align,
     key,
+    parameter_count,
     stage_shapes,
 )
 from tune_kd.distillers.registry import register
@@ -219,6 +220,24 @@ class SimKDDistiller(Distiller):
         self.teacher_size = teacher.stages[-1].size
         intermediate = config.intermediate_loss or ("l2" if config.loss == "kl" else config.loss)
         self.intermediate_loss = losses.FEATURE_LOSSES[intermediate]
+
+    @classmethod
+    def deployed_parameters(
+        cls, config: Config, student: nn.Module, teacher: nn.Module | None
+    ) -> int:
+        """The paper's `#se + #proj + Δ`: the whole student, the last projector (the others
+        only train) and Δ, the teacher's classifier less the student's."""
+        assert teacher is not None
+        shapes_s, shapes_t = stage_shapes(student), stage_shapes(teacher)
+        s, t = stage_pairs(config.projector, len(shapes_s), len(shapes_t))[-1]
+        projector = SimKD(
+            shapes_s[s - 1].channels,
+            shapes_t[t - 1].channels,
+            factor=config.factor,
+            design=config.projector_design,
+        )
+        added = parameter_count(projector, teacher.get_classifier())
+        return parameter_count(student) + added - parameter_count(student.get_classifier())
 
     def forward(self, images: Tensor) -> dict[str, Any]:
         """Each projector's output (aligned to its teacher map's size, which is all it needs of the

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ._init import init_weights
 from ._registry import register
+from ._stages import Staged
 
 __all__ = ["InvertedResidual", "MobileNetV2Cifar"]
 
@@ -60,9 +61,20 @@ class InvertedResidual(nn.Module):
         return x + self.conv(x) if self.use_residual else self.conv(x)
 
 
-class MobileNetV2Cifar(nn.Module):
+class MobileNetV2Cifar(Staged):
     """MobileNetV2 for 32-pixel inputs: stride-2 3x3 stem, seven stages of inverted
-    residuals (``blocks``), 1x1 head conv, global average pool, linear classifier."""
+    residuals (``blocks``), 1x1 head conv, global average pool, linear classifier.
+    Its feature list groups the seven into four stages."""
+
+    stage_names = (
+        ("conv1",),
+        ("blocks.0", "blocks.1"),
+        ("blocks.2",),
+        ("blocks.3", "blocks.4"),
+        ("blocks.5", "blocks.6"),
+        ("conv2", "avgpool"),
+    )
+    _GROUPS = ((0, 1), (2,), (3, 4), (5, 6))  # blocks of each feature-list stage
 
     def __init__(self, width: float, expansion: int = 6, num_classes: int = 100) -> None:
         super().__init__()
@@ -92,17 +104,16 @@ class MobileNetV2Cifar(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.classifier
 
-    def forward(self, x: Tensor, is_feat: bool = False) -> Tensor | tuple[list[Tensor], Tensor]:
-        """Logits, or ``([stem, blocks[1], blocks[2], blocks[4], blocks[6], pooled head],
-        logits)`` with ``is_feat``."""
-        f0 = self.conv1(x)
-        f1 = self.blocks[1](self.blocks[0](f0))
-        f2 = self.blocks[2](f1)
-        f3 = self.blocks[4](self.blocks[3](f2))
-        f4 = self.blocks[6](self.blocks[5](f3))
-        pooled = torch.flatten(self.avgpool(self.conv2(f4)), 1)
-        logits = self.classifier(pooled)
-        return ([f0, f1, f2, f3, f4, pooled], logits) if is_feat else logits
+    def stage(self, i: int, x: Tensor) -> Tensor:
+        """Features ``[stem, blocks[1], blocks[2], blocks[4], blocks[6], pooled head]``, one at
+        a time."""
+        if i == 0:
+            return self.conv1(x)
+        if i == 5:
+            return torch.flatten(self.avgpool(self.conv2(x)), 1)
+        for block in self._GROUPS[i - 1]:
+            x = self.blocks[block](x)
+        return x
 
 
 @register("mobilenetv2", name="MobileNetV2")

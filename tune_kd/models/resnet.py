@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ._init import init_weights
 from ._registry import register
+from ._stages import Staged
 
 __all__ = ["BasicBlock", "Bottleneck", "BottleneckResNet", "ResNet"]
 
@@ -55,9 +56,11 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.downsample(x))
 
 
-class ResNet(nn.Module):
+class ResNet(Staged):
     """Basic-block CIFAR ResNet of depth 6n+2: a 3x3 stem and three stages of n blocks
     with ``widths[1:]`` channels (the second and third at stride 2)."""
+
+    stage_names = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("avgpool",))
 
     def __init__(
         self, depth: int, widths: tuple[int, int, int, int], num_classes: int = 100
@@ -84,16 +87,13 @@ class ResNet(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.fc
 
-    def forward(self, x: Tensor, is_feat: bool = False) -> Tensor | tuple[list[Tensor], Tensor]:
-        """Logits, or ``([stem, layer1, layer2, layer3, pooled], logits)`` with
-        ``is_feat``."""
-        f0 = F.relu(self.bn1(self.conv1(x)))
-        f1 = self.layer1(f0)
-        f2 = self.layer2(f1)
-        f3 = self.layer3(f2)
-        pooled = torch.flatten(self.avgpool(f3), 1)
-        logits = self.fc(pooled)
-        return ([f0, f1, f2, f3, pooled], logits) if is_feat else logits
+    def stage(self, i: int, x: Tensor) -> Tensor:
+        """Features ``[stem, layer1, layer2, layer3, pooled]``, one at a time."""
+        if i == 0:
+            return F.relu(self.bn1(self.conv1(x)))
+        if i == 4:
+            return torch.flatten(self.avgpool(x), 1)
+        return (self.layer1, self.layer2, self.layer3)[i - 1](x)
 
 
 class Bottleneck(nn.Module):
@@ -122,9 +122,18 @@ class Bottleneck(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class BottleneckResNet(nn.Module):
+class BottleneckResNet(Staged):
     """Four bottleneck stages (64, 128, 256, 512 channels, x4 expansion) after a 3x3
     stride-1 stem without max pool, for 32-pixel inputs."""
+
+    stage_names = (
+        ("conv1", "bn1"),
+        ("layer1",),
+        ("layer2",),
+        ("layer3",),
+        ("layer4",),
+        ("avgpool",),
+    )
 
     def __init__(self, blocks: tuple[int, int, int, int], num_classes: int = 100) -> None:
         super().__init__()
@@ -146,16 +155,13 @@ class BottleneckResNet(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.linear
 
-    def forward(self, x: Tensor, is_feat: bool = False) -> Tensor | tuple[list[Tensor], Tensor]:
-        """Logits, or ``([stem, layer1, ..., layer4, pooled], logits)`` with ``is_feat``."""
-        f0 = F.relu(self.bn1(self.conv1(x)))
-        f1 = self.layer1(f0)
-        f2 = self.layer2(f1)
-        f3 = self.layer3(f2)
-        f4 = self.layer4(f3)
-        pooled = torch.flatten(self.avgpool(f4), 1)
-        logits = self.linear(pooled)
-        return ([f0, f1, f2, f3, f4, pooled], logits) if is_feat else logits
+    def stage(self, i: int, x: Tensor) -> Tensor:
+        """Features ``[stem, layer1, ..., layer4, pooled]``, one at a time."""
+        if i == 0:
+            return F.relu(self.bn1(self.conv1(x)))
+        if i == 5:
+            return torch.flatten(self.avgpool(x), 1)
+        return (self.layer1, self.layer2, self.layer3, self.layer4)[i - 1](x)
 
 
 @register("resnet")

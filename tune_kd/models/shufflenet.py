@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._registry import register
+from ._stages import Staged
 
 __all__ = [
     "DownUnitV2",
@@ -66,9 +67,11 @@ class ShuffleUnitV1(nn.Module):
         return F.relu(out + x)
 
 
-class ShuffleNetV1(nn.Module):
+class ShuffleNetV1(Staged):
     """ShuffleNet v1: stem, three stages whose first unit halves the resolution and widens
     by concatenation, global average pool, ``linear`` classifier."""
+
+    stage_names = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ())
 
     def __init__(
         self,
@@ -94,16 +97,13 @@ class ShuffleNetV1(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.linear
 
-    def forward(self, x: Tensor, is_feat: bool = False) -> Tensor | tuple[list[Tensor], Tensor]:
-        """Logits, or ``([stem, layer1, layer2, layer3, pooled], logits)`` with
-        ``is_feat``."""
-        f0 = F.relu(self.bn1(self.conv1(x)))
-        f1 = self.layer1(f0)
-        f2 = self.layer2(f1)
-        f3 = self.layer3(f2)
-        pooled = _global_avg_pool(f3)
-        logits = self.linear(pooled)
-        return ([f0, f1, f2, f3, pooled], logits) if is_feat else logits
+    def stage(self, i: int, x: Tensor) -> Tensor:
+        """Features ``[stem, layer1, layer2, layer3, pooled]``, one at a time."""
+        if i == 0:
+            return F.relu(self.bn1(self.conv1(x)))
+        if i == 4:
+            return _global_avg_pool(x)
+        return (self.layer1, self.layer2, self.layer3)[i - 1](x)
 
 
 class ShuffleUnitV2(nn.Module):
@@ -156,9 +156,11 @@ class DownUnitV2(nn.Module):
         return channel_shuffle(torch.cat([left, right], 1), 2)
 
 
-class ShuffleNetV2(nn.Module):
+class ShuffleNetV2(Staged):
     """ShuffleNet v2: stem, three stages (a stride-2 unit then ``blocks`` stride-1 units),
     1x1 head conv, global average pool, ``linear`` classifier."""
+
+    stage_names = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("conv2", "bn2"))
 
     def __init__(
         self,
@@ -184,17 +186,14 @@ class ShuffleNetV2(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.linear
 
-    def forward(self, x: Tensor, is_feat: bool = False) -> Tensor | tuple[list[Tensor], Tensor]:
-        """Logits, or ``([stem, layer1, layer2, layer3, pooled head], logits)`` with
-        ``is_feat``; the head conv sits between ``layer3`` and the pool."""
-        f0 = F.relu(self.bn1(self.conv1(x)))
-        f1 = self.layer1(f0)
-        f2 = self.layer2(f1)
-        f3 = self.layer3(f2)
-        head = F.relu(self.bn2(self.conv2(f3)))
-        pooled = _global_avg_pool(head)
-        logits = self.linear(pooled)
-        return ([f0, f1, f2, f3, pooled], logits) if is_feat else logits
+    def stage(self, i: int, x: Tensor) -> Tensor:
+        """Features ``[stem, layer1, layer2, layer3, pooled head]``, one at a time; the head
+        conv sits between ``layer3`` and the pool."""
+        if i == 0:
+            return F.relu(self.bn1(self.conv1(x)))
+        if i == 4:
+            return _global_avg_pool(F.relu(self.bn2(self.conv2(x))))
+        return (self.layer1, self.layer2, self.layer3)[i - 1](x)
 
 
 @register("shufflenet")

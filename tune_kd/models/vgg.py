@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ._init import init_weights
 from ._registry import register
+from ._stages import Staged
 
 __all__ = ["VGG"]
 
@@ -45,9 +46,18 @@ def _block(in_channels: int, widths: tuple[int, ...]) -> nn.Sequential:
     return nn.Sequential(*layers[:-1])
 
 
-class VGG(nn.Module):
+class VGG(Staged):
     """VGG with batch norm for 32-pixel inputs (and 64-pixel ones, which get one more
     max pool, ``pool3``, before the last block)."""
+
+    stage_names = (
+        ("block0",),
+        ("pool0", "block1"),
+        ("pool1", "block2"),
+        ("pool2", "block3"),
+        ("pool3", "block4"),
+        ("pool4",),
+    )
 
     def __init__(self, config: tuple[tuple[int, ...], ...], num_classes: int = 100) -> None:
         super().__init__()
@@ -66,19 +76,21 @@ class VGG(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.classifier
 
-    def forward(self, x: Tensor, is_feat: bool = False) -> Tensor | tuple[list[Tensor], Tensor]:
-        """Logits, or ``([block0, ..., block4 (each after ReLU), pooled], logits)`` with
-        ``is_feat``."""
-        input_size = x.shape[2]
-        f0 = F.relu(self.block0(x))
-        f1 = F.relu(self.block1(self.pool0(f0)))
-        f2 = F.relu(self.block2(self.pool1(f1)))
-        f3 = F.relu(self.block3(self.pool2(f2)))
-        out = self.pool3(f3) if input_size == 64 else f3
-        f4 = F.relu(self.block4(out))
-        pooled = torch.flatten(self.pool4(f4), 1)
-        logits = self.classifier(pooled)
-        return ([f0, f1, f2, f3, f4, pooled], logits) if is_feat else logits
+    def stage(self, i: int, x: Tensor) -> Tensor:
+        """Features ``[block0, ..., block4 (each after ReLU), pooled]``, one at a time. A 64-pixel
+        input reaches the last block at 8x8 (4x4 at 32 pixels) and is pooled once more first."""
+        if i == 0:
+            return F.relu(self.block0(x))
+        if i == 4:
+            return F.relu(self.block4(self.pool3(x) if x.shape[-1] == 8 else x))
+        if i == 5:
+            return torch.flatten(self.pool4(x), 1)
+        pool, block = (
+            (self.pool0, self.block1),
+            (self.pool1, self.block2),
+            (self.pool2, self.block3),
+        )[i - 1]
+        return F.relu(block(pool(x)))
 
 
 @register("vgg")

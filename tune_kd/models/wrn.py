@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ._init import init_weights
 from ._registry import register
+from ._stages import Staged
 
 __all__ = ["PreActBlock", "WideResNet"]
 
@@ -56,8 +57,11 @@ class _Stage(nn.Module):
         return self.layer(x)
 
 
-class WideResNet(nn.Module):
-    """Pre-activation wide ResNet: a 3x3 stem (16 channels), three stages, final BN-ReLU."""
+class WideResNet(Staged):
+    """Pre-activation wide ResNet: a 3x3 stem (16 channels), three stages, final BN-ReLU (part
+    of the third stage)."""
+
+    stage_names = (("conv1",), ("block1",), ("block2",), ("block3", "bn1"), ())
 
     def __init__(self, depth: int, widen_factor: int, num_classes: int = 100) -> None:
         super().__init__()
@@ -76,17 +80,16 @@ class WideResNet(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.fc
 
-    def forward(self, x: Tensor, is_feat: bool = False) -> Tensor | tuple[list[Tensor], Tensor]:
-        """Logits, or ``([stem, block1, block2, relu(bn1(block3)), pooled], logits)`` with
-        ``is_feat``."""
-        f0 = self.conv1(x)
-        f1 = self.block1(f0)
-        f2 = self.block2(f1)
-        f3 = F.relu(self.bn1(self.block3(f2)))
-        # One whole-map window: the reference's avg_pool2d(x, 8) at 32 pixels, bit for bit.
-        pooled = torch.flatten(F.avg_pool2d(f3, f3.shape[2:]), 1)
-        logits = self.fc(pooled)
-        return ([f0, f1, f2, f3, pooled], logits) if is_feat else logits
+    def stage(self, i: int, x: Tensor) -> Tensor:
+        """Features ``[stem, block1, block2, relu(bn1(block3)), pooled]``, one at a time."""
+        if i == 0:
+            return self.conv1(x)
+        if i == 3:
+            return F.relu(self.bn1(self.block3(x)))
+        if i == 4:
+            # One whole-map window: the reference's avg_pool2d(x, 8) at 32 pixels, bit for bit.
+            return torch.flatten(F.avg_pool2d(x, x.shape[2:]), 1)
+        return (self.block1, self.block2)[i - 1](x)
 
 
 @register("wrn")
