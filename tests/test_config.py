@@ -208,7 +208,7 @@ def test_data_key_changes_with_the_data_only():
         (
             {"method": "student", "teacher_correct_only": True},
             "teacher_correct_only",
-            "needs method kd or simkd",
+            "needs method kd, simkd, reuse",
         ),
         ({"projector_weights": [1, 1]}, "projector_weights", "projector 'single' takes 1"),
         (

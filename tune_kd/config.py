@@ -203,7 +203,7 @@ class _Keys:
                 for name in distillers.names()
                 if distillers.get(name).uses_teacher and distillers.get(name).per_sample
             ]
-            raise ConfigError("teacher_correct_only", f"needs method {' or '.join(able)}")
+            raise ConfigError("teacher_correct_only", f"needs method {', '.join(able)}")
         expected = {"single": 1, "multi": 2}.get(self.projector)
         if self.projector_weights is not None and expected not in (
             None,
