@@ -77,15 +77,9 @@ def train_experiment(root: Path, teacher_checkpoint: Path, grouped: bool) -> Pat
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
+def trained(tmp_path_factory, teacher_checkpoint) -> Path:
     """The space's 7 trials, each trained alone for one epoch."""
-    torch.manual_seed(1)
-    folder = tmp_path_factory.mktemp("teachers")
-    checkpoint = folder / "resnet14_vanilla" / "ckpt_epoch_240.pth"
-    checkpoint.parent.mkdir(parents=True)
-    model = models.create("resnet14", 10)
-    torch.save({"model": model.state_dict(), "epoch": 240, "best_acc": 0.0}, checkpoint)
-    return train_experiment(tmp_path_factory.mktemp("sweep"), checkpoint, grouped=False)
+    return train_experiment(tmp_path_factory.mktemp("sweep"), teacher_checkpoint, grouped=False)
 
 
 @pytest.fixture(scope="module")
