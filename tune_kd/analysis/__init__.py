@@ -13,7 +13,10 @@
 - `published`: the published number of each cell's setting;
 - `tables` and `plots`: the summary as text, markdown and LaTeX, the methods of each
   teacher/student pair against their published numbers; the figures;
-- `report`: `write_report`, every file of the above, and the command line.
+- `report`: `write_report`, every file of the above, and the command line;
+- `features` (its `--features`, and the one module here that needs torch, so not imported by
+  this package): each finished trial's teacher and student features, their t-SNE figures and
+  how close they are.
 """
 
 from tune_kd.analysis.cells import summarize

@@ -1,6 +1,6 @@
 """A sweep's results: every trial to parquet, mean ± std per grid cell, plots, published numbers.
 
-    python -m tune_kd.analysis EXPERIMENT_DIR [--out DIR] [--metric best|last]
+    python -m tune_kd.analysis EXPERIMENT_DIR [--out DIR] [--metric best|last] [--features]
 
 reads a Tune experiment (finished, still running or interrupted; a local folder or a storage URI)
 and writes into EXPERIMENT_DIR/results/: `trials.parquet` (one row per planned trial),
@@ -9,7 +9,8 @@ cell), `methods.md` (where the experiment compares methods or teacher/student pa
 pair of its methods against their published numbers) and the plots as PNG and SVG. The sweep calls
 `write_report` when it ends. Another analysis of the same experiment parses only the
 `result.json` files that changed since (see `parsed`) and draws the plots again only when what
-they are drawn from changed.
+they are drawn from changed. `--features` adds the teacher's and students' features of the
+finished trials, their t-SNE figures and how close they are (see `features`).
 """
 
 from __future__ import annotations
@@ -63,11 +64,16 @@ class SweepReport:
 def write_report(location: str, out: str | None = None, metric: str = "best") -> SweepReport:
     """Read the experiment at `location` and write every table and plot into `out` (default
     `location/results`): the sweep calls this at its end."""
-    target = out if out is not None else Storage(str(location)).uri_of(RESULTS_FOLDER)
+    target = results_location(location, out)
     experiment = load_experiment(location, cache=target)
     summary = summarize(experiment.trials, metric)
     files = write_files(experiment, summary, metric, target)
     return SweepReport(experiment, summary, metric, files)
+
+
+def results_location(location: str, out: str | None = None) -> str:
+    """Where the results of the experiment at `location` go: `out`, else its results folder."""
+    return out if out is not None else Storage(str(location)).uri_of(RESULTS_FOLDER)
 
 
 def write_files(experiment: Experiment, summary: pd.DataFrame, metric: str, out: str) -> list[str]:
@@ -166,17 +172,35 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="best: best test accuracy over the epochs (the paper's); last: the final epoch's;"
         " the tables and the top-1 and top-5 plots show the same one",
     )
+    parser.add_argument(
+        "--features",
+        action="store_true",
+        help="also each finished trial's teacher and student features on the evaluation split:"
+        " parquet, a t-SNE figure per grid cell, and their cosine similarity, L2 distance and"
+        " top-1 agreement (needs the features extra)",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    if args.features:
+        from tune_kd.analysis import features  # needs torch, which the rest does not
+
+        missing = features.missing_extra()
+        if missing:
+            return cli.fail(missing)
     try:
         report = write_report(args.experiment, args.out, args.metric)
+        if args.features:
+            out = results_location(args.experiment, args.out)
+            extracted = features.write_features(report.experiment, out)
     except ExperimentError as error:
         return cli.fail(error)
     methods = format_method_tables(report.summary, args.metric)
     if methods:
         print(methods + "\n")
     print(format_summary(report.summary, args.metric, report.files, report.failures))
+    if args.features:
+        print("\n" + features.format_features(extracted))
     return 0

@@ -134,6 +134,14 @@ def format_summary(
     return "\n".join(line for line in lines if line)
 
 
+def markdown_table(table: pd.DataFrame) -> str:
+    """A table of text as markdown: its header, the rule, one line per row (`|` escaped)."""
+    rows = [table.columns, *table.itertuples(index=False)]
+    lines = ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in rows]
+    lines.insert(1, "|" + "---|" * len(table.columns))
+    return "\n".join(lines)
+
+
 def summary_markdown(
     summary: pd.DataFrame,
     metric: str,
@@ -141,10 +149,7 @@ def summary_markdown(
     problems: Sequence[str],
     failed: Sequence[str] = (),
 ) -> str:
-    table = display_table(summary, metric)
-    rows = [table.columns, *table.itertuples(index=False)]
-    lines = ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in rows]
-    lines.insert(1, "|" + "---|" * len(table.columns))
+    lines = markdown_table(display_table(summary, metric)).split("\n")
     header = [f"# {title}", "", f"{METRIC_NAMES[metric]}: mean ± std over completed trials.", ""]
     notes = [LEGEND + ".", shared_line(summary), status_line(summary) + "."]
     footer = [line for note in notes if note for line in ("", note)]
@@ -312,11 +317,7 @@ def methods_markdown(summary: pd.DataFrame, metric: str, title: str) -> str:
         return ""
     lines = [f"# {title}: methods per pair", "", f"{METRIC_NAMES[metric]}: mean ± std.", ""]
     for name, table in tables.items():
-        rows = [table.columns, *table.itertuples(index=False)]
-        lines += [f"## {name}", ""]
-        lines += ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in rows]
-        lines.insert(len(lines) - len(rows) + 1, "|" + "---|" * len(table.columns))
-        lines.append("")
+        lines += [f"## {name}", "", markdown_table(table), ""]
     notes = method_notes(summary)
     lines += ["Notes:", *(f"- {n}" for n in notes), ""] if notes else []
     return "\n".join(lines)

@@ -275,6 +275,12 @@ class SimKDDistiller(Distiller):
 
     def predict(self, images: Tensor) -> Tensor:
         """The last projector and the teacher's classifier on student features: no teacher pass."""
+        return self.teacher.classifier(self.pooled_projection(images))
+
+    def pooled_projection(self, images: Tensor) -> Tensor:
+        """The last projector's output, globally pooled: the feature [B, teacher width] that
+        enters the reused teacher classifier, the student's counterpart of the teacher's
+        pooled feature."""
         features, _ = self.student(images, is_feat=True)
         projected = self.projectors[-1].project(features[self.pairs[-1][0]], self.teacher_size)
-        return classify(projected, self.teacher.classifier)
+        return projected.mean(dim=(2, 3))
