@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tune_kd.distillers.base import (
+    WITH_LOGIT_TERMS,
     Batch,
     Distiller,
     StepOutput,
@@ -49,7 +50,7 @@ def at_loss(student_stages: Sequence[Tensor], teacher_stages: Sequence[Tensor]) 
 @register
 class AT(Distiller):
     name = "at"
-    uses = ("teacher", "teacher_checkpoint", "temperature", "ce_weight", "kd_weight", "feat_weight")
+    uses = WITH_LOGIT_TERMS
     defaults: ClassVar[dict[str, float]] = {
         "ce_weight": 1.0,
         "kd_weight": 1.0,

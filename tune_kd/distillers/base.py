@@ -35,6 +35,18 @@ DISTILLATION_KEYS = (
 )
 
 
+# What a method that adds its own term to cross-entropy and KD reads (the official loop's
+# `gamma * CE + alpha * KL + beta * L_method`).
+WITH_LOGIT_TERMS = (
+    "teacher",
+    "teacher_checkpoint",
+    "temperature",
+    "ce_weight",
+    "kd_weight",
+    "feat_weight",
+)
+
+
 @dataclass(frozen=True)
 class Key:
     """A configuration key that a method declares: its name, default, help and rules (the same

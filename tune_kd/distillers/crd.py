@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from tune_kd.distillers.base import (
+    WITH_LOGIT_TERMS,
     Batch,
     Distiller,
     StepOutput,
@@ -232,7 +233,7 @@ class CRDDistiller(Distiller):
         key("nce_m", 0.5, "CRD: momentum of the memory banks' update", low=0, high=1),
         key("crd_feat_dim", 128, "CRD: dimension of the embeddings", low=1),
     )
-    uses = ("teacher", "teacher_checkpoint", "temperature", "ce_weight", "kd_weight", "feat_weight")
+    uses = WITH_LOGIT_TERMS
     defaults: ClassVar[dict[str, float]] = {"ce_weight": 1.0, "kd_weight": 1.0, "feat_weight": 0.8}
     structure_keys = ("crd_feat_dim",)
     needs_indices = True

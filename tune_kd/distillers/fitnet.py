@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tune_kd.distillers.base import (
+    WITH_LOGIT_TERMS,
     Batch,
     Distiller,
     StepOutput,
@@ -82,7 +83,7 @@ class FitNet(Distiller):
             low=0,
         ),
     )
-    uses = ("teacher", "teacher_checkpoint", "temperature", "ce_weight", "kd_weight", "feat_weight")
+    uses = WITH_LOGIT_TERMS
     defaults: ClassVar[dict[str, float]] = {
         "ce_weight": 1.0,
         "kd_weight": 1.0,

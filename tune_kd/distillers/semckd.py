@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from tune_kd import losses
 from tune_kd.distillers.base import (
+    WITH_LOGIT_TERMS,
     Batch,
     Distiller,
     StageShape,
@@ -154,14 +155,7 @@ class SemCKDDistiller(Distiller):
             open_low=True,
         ),
     )
-    uses = (
-        "teacher",
-        "teacher_checkpoint",
-        "temperature",
-        "ce_weight",
-        "kd_weight",
-        "feat_weight",
-    )
+    uses = WITH_LOGIT_TERMS
     defaults: ClassVar[dict[str, float]] = {
         "ce_weight": 1.0,
         "kd_weight": 1.0,

@@ -13,7 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tune_kd.distillers.base import Batch, Distiller, StepOutput, Teacher, TeacherOutput
+from tune_kd.distillers.base import (
+    WITH_LOGIT_TERMS,
+    Batch,
+    Distiller,
+    StepOutput,
+    Teacher,
+    TeacherOutput,
+)
 from tune_kd.distillers.registry import register
 
 if TYPE_CHECKING:
@@ -35,7 +42,7 @@ def sp_loss(feat_s: Tensor, feat_t: Tensor) -> Tensor:
 @register
 class SP(Distiller):
     name = "sp"
-    uses = ("teacher", "teacher_checkpoint", "temperature", "ce_weight", "kd_weight", "feat_weight")
+    uses = WITH_LOGIT_TERMS
     defaults: ClassVar[dict[str, float]] = {
         "ce_weight": 1.0,
         "kd_weight": 1.0,

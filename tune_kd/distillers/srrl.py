@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from tune_kd import losses
 from tune_kd.distillers.base import (
+    WITH_LOGIT_TERMS,
     Batch,
     Distiller,
     StepOutput,
@@ -61,14 +62,7 @@ def srrl_loss(
 @register
 class SRRLDistiller(Distiller):
     name = "srrl"
-    uses = (
-        "teacher",
-        "teacher_checkpoint",
-        "temperature",
-        "ce_weight",
-        "kd_weight",
-        "feat_weight",
-    )
+    uses = WITH_LOGIT_TERMS
     defaults: ClassVar[dict[str, float]] = {"ce_weight": 1.0, "kd_weight": 1.0, "feat_weight": 1.0}
 
     def __init__(

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tune_kd.distillers.base import (
+    WITH_LOGIT_TERMS,
     Batch,
     Distiller,
     StepOutput,
@@ -80,7 +81,7 @@ def vid_loss(
 @register
 class VID(Distiller):
     name = "vid"
-    uses = ("teacher", "teacher_checkpoint", "temperature", "ce_weight", "kd_weight", "feat_weight")
+    uses = WITH_LOGIT_TERMS
     defaults: ClassVar[dict[str, float]] = {"ce_weight": 1.0, "kd_weight": 1.0, "feat_weight": 1.0}
 
     def __init__(
