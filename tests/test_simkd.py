@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import golden_cases, golden_tensor
 from torch import nn
 
 from tune_kd import distillers, losses, models
@@ -239,3 +240,53 @@ def test_all_places_one_projector_per_student_stage():
     assert [p.transfer[-3].out_channels for p in distiller.projectors] == [64, 128, 256, 256]
     assert distiller.weights == [0.25] * 4
     assert math.isclose(sum(distiller.weights), 1.0)
+
+
+# ----------------------------------------------------------------------------- the authors' values
+
+
+def test_kd_matches_the_official_loss_and_gradient():
+    """tests/golden/make_golden.py ran the SimKD repository's `DistillKL(T=4)` in float64."""
+    [case] = golden_cases("kd")
+    student = golden_tensor(case["inputs"]["logit_s"]).requires_grad_()
+    teacher = golden_tensor(case["inputs"]["logit_t"])
+    loss = losses.kl_divergence(student, teacher, case["setup"]["T"]).mean()
+    loss.backward()
+    assert loss.item() == pytest.approx(case["loss"], rel=1e-10)
+    expected = golden_tensor(case["grads"]["inputs"]["logit_s"])
+    torch.testing.assert_close(student.grad, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", golden_cases("simkd"), ids=lambda c: c["case"])
+def test_simkd_matches_the_official_projector_loss_and_logits(case):
+    """The SimKD repository's `SimKD` module and its loop's MSE, in float64 with batch norm in
+    training mode (tests/golden/make_golden.py): the loss, every gradient, the running
+    statistics after the step, and the reused classifier's logits."""
+    setup = case["setup"]
+    projector = SimKD(setup["s_n"], setup["t_n"], factor=setup["factor"]).double().train()
+    params = {k: golden_tensor(v) for k, v in case["params"].items()}
+    own = {k: v for k, v in params.items() if not k.startswith("cls_t.")}
+    projector.load_state_dict(own)
+    classifier = nn.Linear(setup["t_n"], setup["num_classes"]).double()
+    classifier.load_state_dict(
+        {k.removeprefix("cls_t."): params[k] for k in setup["teacher_params"]}
+    )
+    feat_s = golden_tensor(case["inputs"]["feat_s"]).requires_grad_()
+    feat_t = golden_tensor(case["inputs"]["feat_t"])
+    projected, target, logits = projector(feat_s, feat_t, classifier)
+    loss = losses.l2(projected, target).mean()
+    loss.backward()
+    assert loss.item() == pytest.approx(case["loss"], rel=1e-10)
+    grads = case["grads"]
+    torch.testing.assert_close(
+        feat_s.grad, golden_tensor(grads["inputs"]["feat_s"]), atol=1e-12, rtol=0
+    )
+    named = dict(projector.named_parameters())
+    for name, grad in grads["params"].items():
+        torch.testing.assert_close(named[name].grad, golden_tensor(grad), atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        logits, golden_tensor(case["outputs"]["pred_feat_s"]), atol=1e-12, rtol=0
+    )
+    buffers = dict(projector.named_buffers())
+    for name, value in case.get("buffers_after", {}).items():
+        torch.testing.assert_close(buffers[name], golden_tensor(value), atol=1e-12, rtol=0)

@@ -15,20 +15,20 @@ from torch import Tensor
 
 def kl_divergence(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """T^2-scaled KL(teacher || student) of the softened class distributions (Hinton et al.)."""
-    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=1)
-    log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    log_p_student = F.log_softmax(widened(student_logits) / temperature, dim=1)
+    log_p_teacher = F.log_softmax(widened(teacher_logits) / temperature, dim=1)
     kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1)
     return kl * temperature**2
 
 
 def l2(projected: Tensor, target: Tensor) -> Tensor:
     """Mean squared error per sample; its batch mean is `F.mse_loss(projected, target)`."""
-    return (projected.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    return (widened(projected) - widened(target)).pow(2).flatten(1).mean(dim=1)
 
 
 def cosine(projected: Tensor, target: Tensor) -> Tensor:
     """1 - cosine similarity of the flattened feature maps, per sample."""
-    return 1 - F.cosine_similarity(projected.float().flatten(1), target.float().flatten(1), dim=1)
+    return 1 - F.cosine_similarity(widened(projected).flatten(1), widened(target).flatten(1), dim=1)
 
 
 FeatureLoss = Callable[[Tensor, Tensor], Tensor]
@@ -44,7 +44,7 @@ def masked_mean(values: Tensor, keep: Tensor | None) -> Tensor:
 
 
 def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    return F.cross_entropy(logits.float(), labels)
+    return F.cross_entropy(widened(logits), labels)
 
 
 def correct_top1_top5(logits: Tensor, labels: Tensor) -> Tensor:
