@@ -61,6 +61,8 @@ SHARED_KEYS = tuple(
             *EXECUTION_KEYS,
             "teacher",
             "teacher_checkpoint",
+            "extra_teachers",
+            "extra_teacher_checkpoints",
             "epochs",
             "batch_size",
             "seed",
@@ -109,6 +111,12 @@ class _Keys:
     # models
     teacher: str | None = _opt(None, "teacher architecture (every method but student)", model=True)
     teacher_checkpoint: str | None = _opt(None, "teacher weights, RepDistiller/SimKD format")
+    extra_teachers: list[str] = _list(
+        [], "architectures of further teachers, after `teacher` (multi-teacher methods)", model=True
+    )
+    extra_teacher_checkpoints: list[str] = _list(
+        [], "weights of each extra teacher, in the order of extra_teachers"
+    )
     student: str = _opt("resnet8x4", "student architecture", model=True)
     # method
     method: str = _opt(
@@ -204,6 +212,12 @@ class _Keys:
                 if distillers.get(name).uses_teacher and distillers.get(name).per_sample
             ]
             raise ConfigError("teacher_correct_only", f"needs method {', '.join(able)}")
+        extra = self.extra_teacher_checkpoints
+        if extra and len(extra) != len(self.extra_teachers):
+            raise ConfigError(
+                "extra_teacher_checkpoints",
+                f"{len(extra)} paths for {len(self.extra_teachers)} extra teachers",
+            )
         expected = {"single": 1, "multi": 2}.get(self.projector)
         if self.projector_weights is not None and expected not in (
             None,

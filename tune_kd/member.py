@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from tune_kd import distillers, models
 from tune_kd.config import Config
+from tune_kd.teachers import teachers_of
 
 
 @dataclass
@@ -63,11 +64,11 @@ def build_member(
 ) -> Member:
     """A student, its distiller and its optimizer. Seeded by the config alone, so a student
     starts from the same weights whether it trains alone or in a group. `teachers`: those of the
-    run, which the student distils from when its method uses a teacher."""
+    run, first to last, of which the student distils from as many as its configuration names
+    (`tune_kd.teachers.teachers_of`: none, the first, or the first and its extra teachers)."""
     torch.manual_seed(config.seed)
     student = to_device(models.create(config.student, num_classes=num_classes), config, device)
-    method = distillers.get(config.method)
-    own_teachers = teachers if method.uses_teacher else ()
+    own_teachers = teachers[: len(teachers_of(config))]
     distiller = distillers.create(config, student, own_teachers, train_labels).to(device)
     if config.channels_last:
         distiller = distiller.to(memory_format=torch.channels_last)

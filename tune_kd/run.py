@@ -114,7 +114,9 @@ def describe_plan(space: Space) -> str:
     lines += method_notes(space)
     lines += deployment_notes(space)
     for need in space.teachers:
-        source = need.checkpoint or f"trained first (recipe {teachers.recipe_hash(need.recipe)})"
+        source = need.checkpoint or (
+            f"trained first (recipe {teachers.recipe_hash(need.recipe)}, seed {need.recipe.seed})"
+        )
         lines.append(f"teacher {need.arch}: {source}")
     lines.append(f"estimated compute: {estimated_compute(space)}")
     return "\n".join(lines)

@@ -117,12 +117,14 @@ class Search:
 @dataclass(frozen=True)
 class Trial:
     """One planned run: its place in the plan, the values that identify it, its configuration,
-    and the `TeacherNeed.key` of the teacher it distils from (None: a student trained alone)."""
+    the `TeacherNeed.key` of the teacher it distils from (None: a student trained alone) and those
+    of its extra teachers (a multi-teacher method's)."""
 
     index: int
     axes: dict[str, Any]
     config: Config
     teacher_key: str | None = None
+    extra_teacher_keys: tuple[str, ...] = ()
 
     @property
     def labels(self) -> dict[str, Any]:
@@ -192,25 +194,18 @@ class Space:
         packed: dict[str, list[Trial]] = {}
         for trial in self.trials:
             values = trial.config.to_dict()
-            shared = {k: values[k] for k in SHARED_KEYS if k != "teacher_checkpoint"}
-            shared["teacher"] = trial.teacher_key
+            files = ("teacher_checkpoint", "extra_teacher_checkpoints")
+            shared = {k: values[k] for k in SHARED_KEYS if k not in files}
+            shared["teacher"] = [trial.teacher_key, *trial.extra_teacher_keys]
             key = json.dumps(shared, sort_keys=True, default=str)
             packed.setdefault(key, []).append(trial)
         return list(packed.values())
 
     def with_teacher_checkpoints(self, checkpoints: Mapping[str, str]) -> Space:
-        """This space with every trial whose teacher is in `checkpoints` (by `TeacherNeed.key`)
-        distilling from that file: where the teachers trained first are cached."""
-        trials = [
-            dataclasses.replace(
-                t,
-                config=dataclasses.replace(t.config, teacher_checkpoint=checkpoints[t.teacher_key]),
-            )
-            if t.teacher_key in checkpoints
-            else t
-            for t in self.trials
-        ]
-        return dataclasses.replace(self, trials=trials)
+        """This space with every trial whose teachers are in `checkpoints` (by `TeacherNeed.key`)
+        distilling from those files: where the teachers trained first are cached."""
+        files = {n.key: n.checkpoint for n in self.teachers if n.checkpoint} | dict(checkpoints)
+        return dataclasses.replace(self, trials=[_with_files(t, files) for t in self.trials])
 
 
 SPACE_KEYS = (
@@ -331,14 +326,14 @@ def _parse(path: Path, raw: dict[str, Any]) -> Space:
     needs = teachers.needed(
         [t.config for t in trials], raw.get("teacher_checkpoints"), raw.get("teacher_train")
     )
-    trials = [_distilling(trial, need) for trial, need in zip(trials, needs)]
+    trials = [_distilling(trial, own) for trial, own in zip(trials, needs)]
     return Space(
         path=path,
         name=check_folder_name("name", check_value("name", raw.get("name", path.stem), str, {})),
         description=str(raw.get("description", "")).strip(),
         trials=trials,
         axes=axes,
-        teachers=list({n.key: n for n in needs if n}.values()),
+        teachers=list({n.key: n for own in needs for n in own}.values()),
         resources=_resources(raw.get("resources", {})),
         scheduler=scheduler,
         search=search,
@@ -412,14 +407,27 @@ def _grid_names(grids: list[dict]) -> list[str]:
     return ["grid"] if len(grids) == 1 else [f"grids[{i}]" for i in range(len(grids))]
 
 
-def _distilling(trial: Trial, need: TeacherNeed | None) -> Trial:
-    """A trial with its teacher recorded, and that teacher's file when it has one."""
-    if need is None:
+def _distilling(trial: Trial, needs: list[TeacherNeed]) -> Trial:
+    """A trial with its teachers recorded, and the files of those that have one."""
+    if not needs:
         return trial
-    config = trial.config
-    if need.checkpoint:
-        config = dataclasses.replace(config, teacher_checkpoint=need.checkpoint)
-    return dataclasses.replace(trial, config=config, teacher_key=need.key)
+    first, *extra = needs
+    trial = dataclasses.replace(
+        trial, teacher_key=first.key, extra_teacher_keys=tuple(n.key for n in extra)
+    )
+    return _with_files(trial, {n.key: n.checkpoint for n in needs if n.checkpoint})
+
+
+def _with_files(trial: Trial, checkpoints: Mapping[str, str]) -> Trial:
+    """`trial` reading each of its teachers found in `checkpoints` (by key) from that file."""
+    changes: dict[str, Any] = {}
+    if trial.teacher_key in checkpoints:
+        changes["teacher_checkpoint"] = checkpoints[trial.teacher_key]
+    if trial.extra_teacher_keys and all(k in checkpoints for k in trial.extra_teacher_keys):
+        changes["extra_teacher_checkpoints"] = [checkpoints[k] for k in trial.extra_teacher_keys]
+    if not changes:
+        return trial
+    return dataclasses.replace(trial, config=dataclasses.replace(trial.config, **changes))
 
 
 def check_folder_name(key: str, name: str) -> str:

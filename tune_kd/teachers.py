@@ -2,7 +2,9 @@
 
 A distilling trial reads its teacher from a checkpoint file (its `teacher_checkpoint`, or the space
 file's `teacher_checkpoints` by architecture) or, with `teacher_train`, from a teacher trained
-first by that recipe: the trial's data, cross-entropy, and the recipe's keys. A trained teacher is
+first by that recipe: the trial's data, cross-entropy, and the recipe's keys. A multi-teacher
+method reads its further teachers (`extra_teachers`) the same way, each from its own file
+(`extra_teacher_checkpoints`) or trained first with its own seed. A trained teacher is
 cached under the storage by a hash of its recipe, in the field's layout
 (`teachers/<arch>_vanilla-<hash>/ckpt_epoch_<E>.pth`), so that later sweeps, and `tune_kd.train` of
 one of their trials, reuse it; so is a sweep's own cross-entropy run whose configuration is such a
@@ -57,13 +59,18 @@ class TeacherNeed:
 # ----------------------------------------------------------------------------- what a space needs
 
 
-def needed(configs: Sequence[Config], checkpoints: Any, recipe: Any) -> list[TeacherNeed | None]:
-    """The teacher each configuration distils from (None: a student trained alone), resolved to
-    a readable checkpoint or a recipe; configurations with one teacher share one TeacherNeed.
+def needed(configs: Sequence[Config], checkpoints: Any, recipe: Any) -> list[list[TeacherNeed]]:
+    """The teachers each configuration distils from, first to last (none: a student trained
+    alone; the first teacher, then its `extra_teachers` for a method that reads them), each
+    resolved to a readable checkpoint or a recipe; configurations with one teacher share one
+    TeacherNeed.
 
     `checkpoints` and `recipe` are the space file's `teacher_checkpoints` (architecture -> path)
-    and `teacher_train` (training keys), each None when the file has none. A checkpoint is loaded
-    once, checked against the first configuration that needs it."""
+    and `teacher_train` (training keys), each None when the file has none. An extra teacher's file
+    is its `extra_teacher_checkpoints` entry, else the architecture's; trained first, teacher k
+    (0: the first) is trained with the recipe's seed plus k, so that teachers of one architecture
+    are different networks. A checkpoint is loaded once, checked against the first configuration
+    that needs it."""
     paths = checkpoints or {}
     if not isinstance(paths, dict):
         raise ConfigError("teacher_checkpoints", "expected a mapping of architecture: path")
@@ -72,45 +79,72 @@ def needed(configs: Sequence[Config], checkpoints: Any, recipe: Any) -> list[Tea
             "teacher_train", "expected a mapping of training keys ({} for the paper's)"
         )
     found: dict[str, TeacherNeed] = {}
-    needs: list[TeacherNeed | None] = []
+    needs: list[list[TeacherNeed]] = []
     for config in configs:
-        if not distillers.get(config.method).uses_teacher:
-            needs.append(None)
-            continue
-        checkpoint = config.teacher_checkpoint or paths.get(config.teacher)
-        if checkpoint is None and recipe is None:
-            raise ConfigError(
-                "teacher_checkpoints",
-                f"no checkpoint for teacher '{config.teacher}': "
-                "list its path here, or give teacher_train to train it first",
-            )
-        need = (
-            TeacherNeed(config.teacher, checkpoint=str(checkpoint))
-            if checkpoint
-            else TeacherNeed(config.teacher, recipe=teacher_recipe(config, recipe))
-        )
-        if need.key not in found:
-            if need.checkpoint:
-                key = (
-                    "teacher_checkpoint"
-                    if config.teacher_checkpoint
-                    else f"teacher_checkpoints.{config.teacher}"
+        own = []
+        for index, (arch, given, key) in enumerate(teachers_of(config)):
+            need = _need(config, index, arch, given or paths.get(arch), recipe)
+            if need.key not in found:
+                if need.checkpoint:
+                    where = key if given else f"teacher_checkpoints.{arch}"
+                    check_checkpoint(need.checkpoint, arch, config, where)
+                found[need.key] = need
+            if any(n.key == need.key for n in own):
+                raise ConfigError(
+                    "extra_teacher_checkpoints",
+                    f"teacher {index + 1} ({arch}) is the same file as an earlier teacher: "
+                    "give each teacher its own checkpoint",
                 )
-                check_checkpoint(need.checkpoint, need.arch, config, key)
-            found[need.key] = need
-        needs.append(found[need.key])
+            own.append(found[need.key])
+        needs.append(own)
     return needs
 
 
-def teacher_recipe(config: Config, recipe: Mapping[str, Any]) -> Config:
-    """The teacher's own training run: the trial's data, cross-entropy, and the recipe's keys."""
+def teachers_of(config: Config) -> list[tuple[str, str | None, str]]:
+    """(architecture, checkpoint given in the configuration, its key) of each teacher `config`
+    distils from, first to last: none for a student alone, the extra teachers only for a method
+    that reads them."""
+    method = distillers.get(config.method)
+    if not method.uses_teacher:
+        return []
+    first = [(config.teacher, config.teacher_checkpoint, "teacher_checkpoint")]
+    if "extra_teachers" not in method.uses:
+        return first
+    files = config.extra_teacher_checkpoints or [None] * len(config.extra_teachers)
+    return first + [
+        (arch, path, f"extra_teacher_checkpoints[{i}]")
+        for i, (arch, path) in enumerate(zip(config.extra_teachers, files))
+    ]
+
+
+def _need(
+    config: Config, index: int, arch: str, checkpoint: str | None, recipe: Any
+) -> TeacherNeed:
+    if checkpoint is not None:
+        return TeacherNeed(arch, checkpoint=str(checkpoint))
+    if recipe is None:
+        raise ConfigError(
+            "teacher_checkpoints",
+            f"no checkpoint for teacher '{arch}': "
+            "list its path here, or give teacher_train to train it first",
+        )
+    return TeacherNeed(arch, recipe=teacher_recipe(config, recipe, arch, index))
+
+
+def teacher_recipe(
+    config: Config, recipe: Mapping[str, Any], arch: str | None = None, index: int = 0
+) -> Config:
+    """The training run of `config`'s teacher number `index` (0: the first, of architecture
+    `config.teacher`; else `arch`): the trial's data, cross-entropy, and the recipe's keys, its
+    seed raised by `index`."""
     values = {k: getattr(config, k) for k in DATA_KEYS}
     try:
-        return Config.from_dict(
-            {**values, **recipe, "method": "student", "student": config.teacher}
+        trained = Config.from_dict(
+            {**values, **recipe, "method": "student", "student": arch or config.teacher}
         )
     except ConfigError as error:
         raise ConfigError(f"teacher_train.{error.key}", error.detail) from None
+    return dataclasses.replace(trained, seed=trained.seed + index) if index else trained
 
 
 def recipe_hash(recipe: Config | None) -> str:

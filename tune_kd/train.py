@@ -54,6 +54,7 @@ from tune_kd.config import (
 )
 from tune_kd.member import Member, build_member, restore, snapshot, to_device
 from tune_kd.storage import DEFAULT_STORAGE, Storage
+from tune_kd.teachers import check_checkpoint, teachers_of
 
 if TYPE_CHECKING:
     from tune_kd.space import Space
@@ -85,29 +86,32 @@ def load_data(config: Config) -> datasets.Arrays:
     )
 
 
-def build_teacher(
-    config: Config, num_classes: int, device: torch.device, state_dict: Mapping | None = None
-) -> distillers.Teacher | None:
-    """The frozen teacher: from `state_dict` when given (a sweep shares it), else its checkpoint;
-    None where `config`'s method uses no teacher."""
-    if not distillers.get(config.method).uses_teacher:
-        return None
-    if state_dict is not None:
-        model = models.create(config.teacher, num_classes=num_classes)
-        model.load_state_dict({k: torch.as_tensor(v) for k, v in state_dict.items()})
-    elif config.teacher_checkpoint is not None:
-        model = models.load_checkpoint(config.teacher_checkpoint, name=config.teacher)
-    else:
-        raise ConfigError(
-            "teacher_checkpoint", f"method '{config.method}' needs the teacher's weights"
-        )
-    classes = models.num_classes(model)
-    if classes != num_classes:
-        raise ConfigError(
-            "teacher_checkpoint",
-            f"the teacher has {classes} classes but {config.dataset} has {num_classes}",
-        )
-    return distillers.Teacher(to_device(model, config, device))
+def build_teachers(
+    config: Config,
+    num_classes: int,
+    device: torch.device,
+    states: Sequence[Mapping | None] = (),
+) -> list[distillers.Teacher]:
+    """The frozen teachers `config` distils from, first to last (`teachers.teachers_of`): teacher
+    k from `states[k]` when given (a sweep shares it), else its checkpoint; none where `config`'s
+    method uses no teacher."""
+    built = []
+    for index, (arch, path, key) in enumerate(teachers_of(config)):
+        state = states[index] if index < len(states) else None
+        if state is not None:
+            model = models.create(arch, num_classes=num_classes)
+            model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
+        elif path is not None:
+            model = models.load_checkpoint(path, name=arch)
+        else:
+            raise ConfigError(key, f"method '{config.method}' needs the teacher's weights")
+        classes = models.num_classes(model)
+        if classes != num_classes:
+            raise ConfigError(
+                key, f"the teacher has {classes} classes but {config.dataset} has {num_classes}"
+            )
+        built.append(distillers.Teacher(to_device(model, config, device)))
+    return built
 
 
 def train_one_epoch(run: Run, epoch: int) -> float:
@@ -160,7 +164,9 @@ class TrainStep:
         self.autocast = autocast
         in_fused = {id(m) for group in self.fused for m in group.members}
         self.sequential = [m for m in members if id(m) not in in_fused]
-        self.features = set().union(*(m.distiller.teacher_features for m in members))
+        read = set().union(*(m.distiller.teacher_features for m in members))
+        # per teacher, what any student reads of it (teachers' feature lists may differ in length)
+        self.features = [{i for i in read if i < len(t.feature_shapes)} for t in teachers]
         self.needs_teacher = any(m.distiller.uses_teacher for m in members)
         self.batch_size = members[0].config.batch_size
         for group in self.fused:
@@ -174,7 +180,10 @@ class TrainStep:
     def __call__(self, batch: distillers.Batch) -> None:
         with self.autocast():
             teacher_outs = (
-                [t(batch.images, batch.labels, self.features) for t in self.teachers]
+                [
+                    t(batch.images, batch.labels, features)
+                    for t, features in zip(self.teachers, self.features)
+                ]
                 if self.needs_teacher
                 else []
             )
@@ -182,14 +191,14 @@ class TrainStep:
         for group in self.fused:
             if short and group.template.full_batches_only:
                 continue
-            outputs = group.step(batch, teacher_outs, self.autocast)
+            outputs = group.step(batch, teacher_outs[: group.template.teacher_count], self.autocast)
             for m, out in zip(group.members, outputs):
                 m.sums += _step_sums(out, batch.labels)
         for m in self.sequential:
             if short and m.distiller.full_batches_only:
                 continue
             with self.autocast():
-                out = m.distiller.train_step(batch, teacher_outs)
+                out = m.distiller.train_step(batch, teacher_outs[: m.distiller.teacher_count])
             m.clear_grads()
             out.loss.backward()
             m.optimizer.step()
@@ -274,7 +283,7 @@ def evaluate(run: Run) -> list[Tensor]:
 
 
 def evaluate_teacher(run: Run) -> float | None:
-    """Top-1 accuracy (%) of the teacher on the evaluation split."""
+    """Top-1 accuracy (%) of the (first) teacher on the evaluation split."""
     if run.teacher is None:
         return None
     hits = torch.zeros((), device=run.device)
@@ -301,6 +310,7 @@ class Run:
         *,
         data: datasets.Arrays | None = None,
         teacher_state: Mapping | None = None,
+        extra_teacher_states: Sequence[Mapping | None] = (),
     ):
         self.configs = [
             resolve(c if isinstance(c, Config) else Config.from_dict(c)) for c in configs
@@ -312,10 +322,17 @@ class Run:
             torch.backends.cudnn.benchmark = True
         self.data = datasets.DeviceData(load_data(shared) if data is None else data, self.device)
         distilling = [c for c in self.configs if distillers.get(c.method).uses_teacher]
-        self.teacher = (
-            build_teacher(distilling[0], self.data.num_classes, self.device, teacher_state)
-            if distilling
-            else None
+        # the teachers of the student that reads the most of them (the others read the first)
+        source = max(distilling, key=lambda c: len(teachers_of(c)), default=None)
+        self.teachers = (
+            build_teachers(
+                source,
+                self.data.num_classes,
+                self.device,
+                [teacher_state, *extra_teacher_states],
+            )
+            if source is not None
+            else []
         )
         self.members = [
             build_member(
@@ -326,17 +343,17 @@ class Run:
         if shared.compile != "off":
             for m in self.members:
                 m.distiller.student.compile(mode=shared.compile)
-            if self.teacher is not None:
-                self.teacher.model.compile(mode=shared.compile)
+            for teacher in self.teachers:
+                teacher.model.compile(mode=shared.compile)
         self.epoch = 0
         self._captured: CapturedStep | None = None
         self._fused: dict[tuple[int, ...], fused.FusedGroup] = {}
         self.teacher_test_acc = evaluate_teacher(self)
 
     @property
-    def teachers(self) -> list[distillers.Teacher]:
-        """The teachers its students distil from (none, or the one)."""
-        return [] if self.teacher is None else [self.teacher]
+    def teacher(self) -> distillers.Teacher | None:
+        """The first teacher (the one single-teacher methods distil from), or None."""
+        return self.teachers[0] if self.teachers else None
 
     @property
     def shared(self) -> Config:
@@ -612,20 +629,18 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, Space | None]:
     config = resolve(Config.from_dict(values))
     if space is None:
         check_used(values.keys() - {"method"}, [config.method])
-    if distillers.get(config.method).uses_teacher and config.teacher_checkpoint is not None:
-        from tune_kd import teachers
-
-        teachers.check_checkpoint(
-            config.teacher_checkpoint, config.teacher, config, "teacher_checkpoint"
-        )
+    for arch, path, key in teachers_of(config):
+        if path is not None:
+            check_checkpoint(path, arch, config, key)
     return config, space
 
 
-def cached_teacher(space: Space, storage: Storage) -> tuple[str, Mapping] | None:
-    """Where the sweep's cache under `storage` keeps the teacher of `space`'s one trial, and its
-    weights, when the file trains its teacher first (`teacher_train`); None when it does not.
-    A teacher missing from the cache is trained here first, and cached for later runs and sweeps;
-    ConfigError, before anything is trained, when the storage cannot be written."""
+def cached_teachers(space: Space, storage: Storage) -> tuple[dict[str, str], dict] | None:
+    """Where the sweep's cache under `storage` keeps the teachers of `space`'s one trial that
+    the file trains first (`teacher_train`), by `TeacherNeed.key`, and their weights by that
+    path; None when it trains none. A teacher missing from the cache is trained here first, and
+    cached for later runs and sweeps; ConfigError, before anything is trained, when the storage
+    cannot be written."""
     from tune_kd import teachers
 
     needs = [n for n in space.teachers if n.recipe is not None]
@@ -635,8 +650,7 @@ def cached_teacher(space: Space, storage: Storage) -> tuple[str, Mapping] | None
     if unwritable:
         raise ConfigError("--storage", unwritable)
     teachers.train_missing(needs, storage, functools.partial(train_teachers, storage))
-    [path] = teachers.cached_checkpoints(needs, storage).values()
-    return path, teachers.load_states(needs, storage)[path]
+    return teachers.cached_checkpoints(needs, storage), teachers.load_states(needs, storage)
 
 
 def train_teachers(
@@ -696,14 +710,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         unwritable = Storage(str(out)).unwritable()
         if unwritable:
             raise ConfigError("--out", unwritable)
-        teacher_state = None
+        states: dict[str, Any] = {}
         if space is not None:
             torch.set_num_threads(space.resources.threads)  # as the sweep's trials of this file
-            teacher = cached_teacher(space, Storage(args.storage))
-            if teacher is not None:
-                path, teacher_state = teacher
-                config = dataclasses.replace(config, teacher_checkpoint=path)
-        run = Run([config], teacher_state=teacher_state)
+            cached = cached_teachers(space, Storage(args.storage))
+            if cached is not None:
+                paths, states = cached
+                [trial] = space.with_teacher_checkpoints(paths).trials
+                config = dataclasses.replace(
+                    config,
+                    teacher_checkpoint=trial.config.teacher_checkpoint,
+                    extra_teacher_checkpoints=trial.config.extra_teacher_checkpoints,
+                )
+        run = Run(
+            [config],
+            teacher_state=states.get(config.teacher_checkpoint or ""),
+            extra_teacher_states=[states.get(p) for p in config.extra_teacher_checkpoints],
+        )
         checkpoint = out / "checkpoint.pt"
         if args.resume:
             resume(run, checkpoint)

@@ -58,9 +58,15 @@ def train_trial(
     configs = [Config.from_dict(m["config"]) for m in members]
     first = configs[0]
     teacher = teachers.get(first.teacher_checkpoint or "")
+    extra = [teachers.get(path) for path in first.extra_teacher_checkpoints]
 
     def new_run() -> Run:
-        return Run(configs, data=data[first.data_key], teacher_state=teacher)
+        return Run(
+            configs,
+            data=data[first.data_key],
+            teacher_state=teacher,
+            extra_teacher_states=extra,
+        )
 
     checkpoint = tune.get_checkpoint()
     run = new_run() if checkpoint is None else resume(new_run, checkpoint)

@@ -27,12 +27,17 @@ if TYPE_CHECKING:
 DISTILLATION_KEYS = (
     "teacher",
     "teacher_checkpoint",
+    "extra_teachers",
+    "extra_teacher_checkpoints",
     "teacher_correct_only",
     "temperature",
     "ce_weight",
     "kd_weight",
     "feat_weight",
 )
+
+# What a method that distils from several teachers reads beside the first teacher's keys.
+EXTRA_TEACHER_KEYS = ("extra_teachers", "extra_teacher_checkpoints")
 
 
 # What a method that adds its own term to cross-entropy and KD reads (the official loop's
@@ -198,6 +203,7 @@ class Distiller(nn.Module):
         self.student = student
         self.config = config
         self.teacher_features: frozenset[int] = frozenset()  # what `loss` reads of each teacher
+        self.teacher_count = len(teachers)  # the teachers whose outputs `loss` receives
 
     @classmethod
     def extra_memory_bytes(cls, config: Config, train_images: int) -> int:
