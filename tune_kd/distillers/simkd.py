@@ -5,6 +5,15 @@ Also the variants the study compares: the losses (`l2`, the paper's; `cosine`; `
 reused classifier's logits), projector designs from the paper's ablation (Table 5), projector
 placements: `single` (the paper), `multi` (a second projector at 2/3 of depth) and `all` (one
 projector after every student stage), and `teacher_correct_only`.
+
+With several teachers (`extra_teachers`, the paper's multi-teacher Table 6), the student's last
+map has one projector per teacher, each to its teacher's last map and width; the loss is the sum of
+the per-teacher losses and the prediction the mean of the teachers' reused classifiers on their
+projections. The paper gives only Table 6 and its caption for this: one projector per teacher,
+the equal weights and the mean of the logits are our reading of it. Several teachers take the
+`single` placement and the `l2` or `cosine` loss only; `teacher_correct_only` keeps the samples
+every teacher gets right; the logit terms (`ce_weight`, `kd_weight`, off by default) read the
+first teacher.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from torch import Tensor, nn
 
 from tune_kd import losses
 from tune_kd.distillers.base import (
+    EXTRA_TEACHER_KEYS,
     Batch,
     Distiller,
     StepOutput,
@@ -177,6 +187,7 @@ class SimKDDistiller(Distiller):
     uses = (
         "teacher",
         "teacher_checkpoint",
+        *EXTRA_TEACHER_KEYS,
         "teacher_correct_only",
         "temperature",
         "ce_weight",
@@ -195,21 +206,32 @@ class SimKDDistiller(Distiller):
         train_labels: Tensor | None = None,
     ):
         super().__init__(student, config, teachers, train_labels)
-        [teacher] = teachers
-        self.teacher = teacher
+        self.teachers = list(teachers)
+        self.teacher = teacher = self.teachers[0]
         student_stages = stage_shapes(student)
-        self.pairs = stage_pairs(config.projector, len(student_stages), len(teacher.stages))
+        if len(self.teachers) == 1:
+            self.pairs = stage_pairs(config.projector, len(student_stages), len(teacher.stages))
+            self.owners = [0] * len(self.pairs)  # the teacher each projector maps to
+        else:
+            if config.projector != "single" or config.loss == "kl":
+                raise ValueError(
+                    "simkd with several teachers takes projector single and loss l2 or cosine"
+                )
+            self.pairs = [(len(student_stages), len(t.stages)) for t in self.teachers]
+            self.owners = list(range(len(self.teachers)))
         self.projectors = nn.ModuleList(
             SimKD(
                 student_stages[s - 1].channels,
-                teacher.stages[t - 1].channels,
+                self.teachers[o].stages[t - 1].channels,
                 factor=config.factor,
                 design=config.projector_design,
             )
-            for s, t in self.pairs
+            for (s, t), o in zip(self.pairs, self.owners)
         )
-        self.weights = config.projector_weights or default_weights(
-            config.projector, len(self.pairs)
+        self.weights = config.projector_weights or (
+            default_weights(config.projector, len(self.pairs))
+            if len(self.teachers) == 1
+            else [1.0] * len(self.teachers)
         )
         if len(self.weights) != len(self.pairs):
             raise ValueError(
@@ -217,7 +239,6 @@ class SimKDDistiller(Distiller):
                 f"projectors ({config.student} has {len(student_stages)} stages)"
             )
         self.teacher_features = frozenset(t for _, t in self.pairs)
-        self.teacher_size = teacher.stages[-1].size
         intermediate = config.intermediate_loss or ("l2" if config.loss == "kl" else config.loss)
         self.intermediate_loss = losses.FEATURE_LOSSES[intermediate]
 
@@ -244,43 +265,58 @@ class SimKDDistiller(Distiller):
         teacher), the reused classifier's logits and the student's own."""
         features, own_logits = self.student(images, is_feat=True)
         projected = [
-            projector.project(features[s], self.teacher.stages[t - 1].size)
-            for (s, t), projector in zip(self.pairs, self.projectors)
+            projector.project(features[s], self.teachers[o].stages[t - 1].size)
+            for (s, t), o, projector in zip(self.pairs, self.owners, self.projectors)
         ]
-        logits = classify(projected[-1], self.teacher.classifier)
-        return {"projected": projected, "logits": logits, "own_logits": own_logits}
+        return {"projected": projected, "logits": self.reused(projected), "own_logits": own_logits}
+
+    def reused(self, projected: Sequence[Tensor]) -> Tensor:
+        """The reused classifier on the last projection; with several teachers, the mean of each
+        teacher's classifier on its own projection."""
+        if len(self.teachers) == 1:
+            return classify(projected[-1], self.teacher.classifier)
+        logits = [classify(p, t.classifier) for p, t in zip(projected, self.teachers)]
+        return sum(logits[1:], logits[0]) / len(logits)
 
     def loss(
         self, out: dict[str, Any], batch: Batch, teachers: Sequence[TeacherOutput]
     ) -> StepOutput:
-        [teacher] = teachers
         per_sample: Tensor | int = 0
         last = len(self.pairs) - 1
-        for i, ((_, t), projected, weight) in enumerate(
-            zip(self.pairs, out["projected"], self.weights)
+        for i, ((_, t), o, projected, weight) in enumerate(
+            zip(self.pairs, self.owners, out["projected"], self.weights)
         ):
-            _, target = align(projected, teacher.features[t])
-            if i < last:
+            _, target = align(projected, teachers[o].features[t])
+            if i < last and len(self.teachers) == 1:
                 value = self.intermediate_loss(projected, target)
             elif self.config.loss == "kl":
-                value = losses.kl_divergence(out["logits"], teacher.logits, self.config.temperature)
+                value = losses.kl_divergence(
+                    out["logits"], teachers[o].logits, self.config.temperature
+                )
             else:
                 value = losses.FEATURE_LOSSES[self.config.loss](projected, target)
             per_sample = per_sample + weight * value
-        kept = self.kept(teacher)
+        kept = self.kept(teachers[0])
+        for other in teachers[1:]:
+            more = self.kept(other)
+            kept = None if kept is None or more is None else kept & more
         loss = self.with_logit_terms(
-            losses.masked_mean(per_sample, kept), out["own_logits"], batch, teacher
+            losses.masked_mean(per_sample, kept), out["own_logits"], batch, teachers[0]
         )
         return StepOutput(loss, out["logits"], kept)
 
     def predict(self, images: Tensor) -> Tensor:
-        """The last projector and the teacher's classifier on student features: no teacher pass."""
-        return self.teacher.classifier(self.pooled_projection(images))
+        """The last projector and the teacher's classifier on student features (with several
+        teachers, the mean over teachers): no teacher pass."""
+        if len(self.teachers) == 1:
+            return self.teacher.classifier(self.pooled_projection(images))
+        return self(images)["logits"]
 
     def pooled_projection(self, images: Tensor) -> Tensor:
         """The last projector's output, globally pooled: the feature [B, teacher width] that
         enters the reused teacher classifier, the student's counterpart of the teacher's
-        pooled feature."""
+        pooled feature (with several teachers, the last teacher's)."""
         features, _ = self.student(images, is_feat=True)
-        projected = self.projectors[-1].project(features[self.pairs[-1][0]], self.teacher_size)
+        (s, t), o = self.pairs[-1], self.owners[-1]
+        projected = self.projectors[-1].project(features[s], self.teachers[o].stages[t - 1].size)
         return projected.mean(dim=(2, 3))
