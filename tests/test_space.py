@@ -21,10 +21,11 @@ EXPECTED_TRIALS = {
     "study_teacher_correct.yaml": 18,
     "paper_table1.yaml": 276,  # 7 pairs x 9 methods x 4 seeds + 6 students x 4 seeds
     "paper_table2.yaml": 280,  # 7 pairs x 9 methods x 4 seeds + 7 students x 4 seeds
+    "paper_table6.yaml": 20,  # 2 teacher groups x (aveg, simkd) x 4 seeds + 4 students
     "paper_methods_dkd.yaml": 44,  # DKD on mdistiller's 11 CIFAR-100 pairs x 4 seeds
     "paper_projectors.yaml": 28,  # 4 designs x 4 seeds + r in {1, 4, 8} x 4 seeds
     "paper_reuse.yaml": 36,  # student, KD, SimKD + reuse stage {1, 2} x r {1, 2, 4}, 4 seeds
-    "teachers.yaml": 3,
+    "teachers.yaml": 6,  # 3 teachers + the further teachers of paper_table6.yaml
     "optuna_lr_wd.yaml": 24,
 }
 

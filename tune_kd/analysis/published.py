@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from importlib import resources
 from typing import Any
@@ -45,7 +46,8 @@ def with_published(cells: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame
 
 
 def published_numbers() -> pd.DataFrame:
-    """The paper's Tables 1, 2, 5 and S.10 (SimKD+ and SimKD++), DKD's CIFAR-100 numbers and the
+    """The paper's Tables 1, 2, 5, 6 (multi-teacher: `extra_teachers` names the teachers after
+    `teacher`) and S.10 (SimKD+ and SimKD++), DKD's CIFAR-100 numbers and the
     study's tables (`tune_kd/published.csv`); keys a row does not constrain are null, as is the
     `note` (how numbers from elsewhere were measured, or a configuration inferred) of a row
     without one."""
@@ -87,23 +89,44 @@ def published_for(cell: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) ->
 
 def most_specific(cell: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> Any:
     """The row whose every given key the cell shares (keys the cell lacks are not compared) with
-    the most keys given; the first of equals."""
+    the most keys given, and its extra teachers (a multi-teacher row matches only a cell of the
+    same teachers); the first of equals."""
     best, best_count = None, -1
     for row in rows:
         given = [k for k in MATCH_KEYS if k in cell and not missing(row[k])]
-        if len(given) > best_count and all(same(cell[k], row[k]) for k in given):
+        if (
+            len(given) > best_count
+            and same_teachers(cell, row)
+            and all(same(cell[k], row[k]) for k in given)
+        ):
             best, best_count = row, len(given)
     return best
 
 
+def same_teachers(cell: Mapping[str, Any], row: Mapping[str, Any]) -> bool:
+    """The cell's `extra_teachers` and the row's name the same architectures in order (none for
+    either: single-teacher)."""
+    return teacher_names(cell.get("extra_teachers")) == teacher_names(row.get("extra_teachers"))
+
+
+def teacher_names(value: Any) -> list[str]:
+    """Architectures of an `extra_teachers` value: a list, its text in a results table, or the
+    space-separated names of `published.csv`."""
+    if isinstance(value, list | tuple):
+        return [str(v) for v in value]
+    return [] if missing(value) else re.findall(r"[A-Za-z0-9_.]+", str(value))
+
+
 def paper_simkd(rows: Sequence[Mapping[str, Any]], teacher: Any, student: Any) -> Any:
-    """The paper's SimKD result for a teacher and student (Tables 1 and 2), the study's baseline."""
+    """The paper's single-teacher SimKD result for a teacher and student (Tables 1 and 2), the
+    study's baseline."""
     return first_match(
         r
         for r in rows
         if r["source"] == "paper"
         and r["method"] == "simkd"
         and missing(r["projector_design"])
+        and missing(r.get("extra_teachers"))
         and same(teacher, r["teacher"])
         and same(student, r["student"])
     )
