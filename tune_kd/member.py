@@ -63,10 +63,12 @@ def build_member(
 ) -> Member:
     """A student, its distiller and its optimizer. Seeded by the config alone, so a student
     starts from the same weights whether it trains alone or in a group. `teachers`: those of the
-    run, which the student distils from when its method uses a teacher."""
+    run, which the student distils from when its method uses a teacher. A configuration its
+    method cannot train (`Distiller.check_run`) is refused first."""
+    method = distillers.get(config.method)
+    method.check_run(config)
     torch.manual_seed(config.seed)
     student = to_device(models.create(config.student, num_classes=num_classes), config, device)
-    method = distillers.get(config.method)
     own_teachers = teachers if method.uses_teacher else ()
     distiller = distillers.create(config, student, own_teachers, train_labels).to(device)
     if config.channels_last:
