@@ -45,10 +45,10 @@ def with_published(cells: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame
 
 
 def published_numbers() -> pd.DataFrame:
-    """The paper's Tables 1, 2, 5 and S.10 (SimKD+ and SimKD++), DKD's CIFAR-100 numbers and the
-    study's tables (`tune_kd/published.csv`); keys a row does not constrain are null, as is the
-    `note` (how numbers from elsewhere were measured, or a configuration inferred) of a row
-    without one."""
+    """The paper's Tables 1, 2, 4 (Sequential), 5 and S.10 (SimKD+ and SimKD++), DKD's CIFAR-100
+    numbers and the study's tables (`tune_kd/published.csv`); keys a row does not constrain are
+    null, as is the `note` (how numbers from elsewhere were measured, or a configuration inferred)
+    of a row without one."""
     text = resources.files("tune_kd").joinpath("published.csv").read_text()
     rows = list(csv.DictReader(io.StringIO(text)))
     frame = pd.DataFrame(rows).replace("", None)
