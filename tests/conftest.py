@@ -42,9 +42,9 @@ def teacher_checkpoint(tmp_path_factory) -> Path:
     )
 
 
-@pytest.fixture
-def tiny(teacher_checkpoint) -> dict:
-    """A SimKD run on a few synthetic images: seconds on a CPU."""
+def tiny_config(teacher_checkpoint: Path) -> dict:
+    """A SimKD run on a few synthetic images, distilling from `teacher_checkpoint`: seconds on a
+    CPU."""
     return {
         "dataset": "synthetic",
         "synthetic_train_size": 96,
@@ -58,6 +58,29 @@ def tiny(teacher_checkpoint) -> dict:
         "lr_decay_epochs": [1],
         "device": "cpu",
     }
+
+
+@pytest.fixture
+def tiny(teacher_checkpoint) -> dict:
+    """A SimKD run on a few synthetic images: seconds on a CPU."""
+    return tiny_config(teacher_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def simkd_run(teacher_checkpoint, tmp_path_factory) -> Path:
+    """The folder of a finished one-epoch `tiny` SimKD run, as `python -m tune_kd.train` writes
+    it (`checkpoint.pt`, `student.pth`): the stage 1 that method `sequential` starts from."""
+    from tune_kd.train import main
+
+    out = tmp_path_factory.mktemp("simkd") / "run"
+    config = {**tiny_config(teacher_checkpoint), "epochs": 1}
+    flags = [
+        part
+        for key, value in config.items()
+        for part in (f"--{key.replace('_', '-')}", json.dumps(value).strip('"'))
+    ]
+    assert main([*flags, "--out", str(out)]) == 0
+    return out
 
 
 def write_pending_experiment(root: Path, trials: int = 1) -> Path:

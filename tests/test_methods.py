@@ -20,6 +20,13 @@ from tune_kd.train import Run, main
 SMALL_KEYS = {"crd": {"nce_k": 16}}
 
 
+@pytest.fixture
+def tiny(tiny, simkd_run) -> dict:
+    """conftest's `tiny`, with the finished SimKD run that method `sequential` starts from (a key
+    the other methods do not read: `method_config` leaves it out of theirs)."""
+    return {**tiny, "sequential_from": str(simkd_run)}
+
+
 def method_config(tiny: dict, method: str, keep: tuple[str, ...] = (), **keys) -> dict:
     """`tiny` for `method`, without the keys it does not read but those in `keep`."""
     config = {**tiny, "method": method, **SMALL_KEYS.get(method, {}), **keys}

@@ -25,6 +25,7 @@ EXPECTED_TRIALS = {
     "paper_methods_dkd.yaml": 44,  # DKD on mdistiller's 11 CIFAR-100 pairs x 4 seeds
     "paper_projectors.yaml": 28,  # 4 designs x 4 seeds + r in {1, 4, 8} x 4 seeds
     "paper_reuse.yaml": 36,  # student, KD, SimKD + reuse stage {1, 2} x r {1, 2, 4}, 4 seeds
+    "paper_table4.yaml": 56,  # 7 pairs x 2 classifier inputs x 4 seeds
     "teachers.yaml": 6,  # 3 teachers + the further teachers of paper_table6.yaml
     "optuna_lr_wd.yaml": 24,
 }

@@ -65,7 +65,9 @@ def build_member(
     """A student, its distiller and its optimizer. Seeded by the config alone, so a student
     starts from the same weights whether it trains alone or in a group. `teachers`: those of the
     run, first to last, of which the student distils from as many as its configuration names
-    (`tune_kd.teachers.teachers_of`: none, the first, or the first and its extra teachers)."""
+    (`tune_kd.teachers.teachers_of`: none, the first, or the first and its extra teachers). A
+    configuration its method cannot train (`Distiller.check_run`) is refused first."""
+    distillers.get(config.method).check_run(config)
     torch.manual_seed(config.seed)
     student = to_device(models.create(config.student, num_classes=num_classes), config, device)
     own_teachers = teachers[: len(teachers_of(config))]

@@ -46,8 +46,8 @@ def with_published(cells: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame
 
 
 def published_numbers() -> pd.DataFrame:
-    """The paper's Tables 1, 2, 5, 6 (multi-teacher: `extra_teachers` names the teachers after
-    `teacher`) and S.10 (SimKD+ and SimKD++), DKD's CIFAR-100 numbers and the
+    """The paper's Tables 1, 2, 4 (Sequential), 5, 6 (multi-teacher: `extra_teachers` names the
+    teachers after `teacher`) and S.10 (SimKD+ and SimKD++), DKD's CIFAR-100 numbers and the
     study's tables (`tune_kd/published.csv`); keys a row does not constrain are null, as is the
     `note` (how numbers from elsewhere were measured, or a configuration inferred) of a row
     without one."""

@@ -13,6 +13,7 @@ from tune_kd.distillers import (  # noqa: F401  (registers the methods)
     kd,
     reuse,
     semckd,
+    sequential,
     simkd,
     sp,
     srrl,

@@ -176,7 +176,8 @@ class Distiller(nn.Module):
     - `fusable`: its students can be trained as one fused model (`tune_kd.fused`);
     - `capturable`: its step can be recorded as a CUDA graph;
     - `extra_memory_bytes`: memory its runs need beyond the networks' (the dry run prints it).
-    Its `__init__(student, config, teachers, train_labels)` builds what it trains; `forward`,
+    Its `check_run(config)` refuses what it cannot train; `__init__(student, config, teachers,
+    train_labels)` builds what it trains; `forward`,
     `loss` and `predict` run it. A method without a teacher sets `uses_teacher = False`.
     """
 
@@ -204,6 +205,11 @@ class Distiller(nn.Module):
         self.config = config
         self.teacher_features: frozenset[int] = frozenset()  # what `loss` reads of each teacher
         self.teacher_count = len(teachers)  # the teachers whose outputs `loss` receives
+
+    @classmethod
+    def check_run(cls, config: Config) -> None:
+        """Refuse (ConfigError) a configuration that can be counted but not trained: a key that
+        only a run reads, not the dry run's counts, which build the method from shapes alone."""
 
     @classmethod
     def extra_memory_bytes(cls, config: Config, train_images: int) -> int:
