@@ -75,7 +75,7 @@ def test_learning_rate_drops_tenfold_after_each_decay_epoch():
         (
             {"method": "student", "teacher_correct_only": True},
             "teacher_correct_only",
-            "kd or simkd",
+            "needs method kd, simkd",
         ),
         (
             {"teacher": "resnet8", "projector": "multi", "projector_weights": [1]},
