@@ -146,7 +146,7 @@ class SequentialDistiller(Distiller):
                 raise _error(f"{config.sequential_from} does not fit this run: {reason}") from None
         self.student.requires_grad_(False)
         self.student_stage = stage1.pairs[-1][0]
-        self.teacher_size = stage1.teacher_size
+        self.teacher_size = stage1.teacher.stages[stage1.pairs[-1][1] - 1].size
         self.projector: SimKD | None = None
         width = feature_shapes(student)[-1][0]
         if config.sequential_input == "projected":
