@@ -261,7 +261,7 @@ def check_completed(
     assert f"trials: {len(trials)} planned: {len(trials)} completed" in log
     for trial in trials:
         assert epochs_of(sweep.experiment / trial) == [1, 2, 3]
-    assert not processes_of(sweep.root), "processes of the job left after it ended"
+    assert not still_running(sweep.root), "processes of the job left after it ended"
 
 
 def test_a_sweep_runs_to_its_end_with_ray_on_the_loopback_address(sweep):
@@ -319,7 +319,7 @@ def test_an_admins_requeue_in_the_middle_of_a_trial_kills_the_run_and_the_rerun_
     assert sorted(zip(epochs["trial_id"], epochs["epoch"])) == [
         (trial, epoch) for trial in TRIALS for epoch in (1, 2, 3)
     ]
-    assert not processes_of(sweep.root), "processes of the job left after it ended"
+    assert not still_running(sweep.root), "processes of the job left after it ended"
 
 
 def test_the_time_limit_while_the_teacher_trains_requeues_and_the_rerun_trains_it_again(sweep):
@@ -349,7 +349,7 @@ def test_the_time_limit_in_the_first_seconds_of_a_rerun_ends_the_job(sweep):
     assert "not requeued again" in sweep.log
     assert sweep.log.count("Local node finished draining") == 2
     assert not [line for line in sweep.faults if " start " in line]
-    assert not processes_of(sweep.root), "processes of the job left after it ended"
+    assert not still_running(sweep.root), "processes of the job left after it ended"
 
 
 # ----------------------------------------------------------------------------- stand-ins
