@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tune_kd import losses
 from tune_kd.distillers.base import (
     WITH_LOGIT_TERMS,
     Batch,
@@ -78,8 +79,8 @@ class AT(Distiller):
     ) -> StepOutput:
         [teacher] = teachers
         term = at_loss(
-            [f.float() for f in out["stages"]],
-            [teacher.features[i + 1].float() for i in range(self.pairs)],
+            [losses.widened(f) for f in out["stages"]],
+            [losses.widened(teacher.features[i + 1]) for i in range(self.pairs)],
         )
         logits = out["logits"]
         return StepOutput(self.with_logit_terms(term, logits, batch, teacher), logits, None)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tune_kd import losses
 from tune_kd.distillers.base import (
     WITH_LOGIT_TERMS,
     Batch,
@@ -122,6 +123,6 @@ class FitNet(Distiller):
     ) -> StepOutput:
         [teacher] = teachers
         target = self.regressor.target(teacher.features[self.hint_layer])
-        term = fitnet_loss(out["hint"].float(), target.float())
+        term = fitnet_loss(losses.widened(out["hint"]), losses.widened(target))
         logits = out["logits"]
         return StepOutput(self.with_logit_terms(term, logits, batch, teacher), logits, None)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tune_kd import losses
 from tune_kd.distillers.base import (
     WITH_LOGIT_TERMS,
     Batch,
@@ -72,6 +73,6 @@ class SP(Distiller):
         feat_s, feat_t = out["last_map"], teacher.features[self.teacher_map]
         # float32 Gram matrices: autocast would run the products in half precision
         with torch.autocast(feat_s.device.type, enabled=False):
-            term = sp_loss(feat_s.float(), feat_t.float())
+            term = sp_loss(losses.widened(feat_s), losses.widened(feat_t))
         logits = out["logits"]
         return StepOutput(self.with_logit_terms(term, logits, batch, teacher), logits, None)

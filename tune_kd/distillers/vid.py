@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tune_kd import losses
 from tune_kd.distillers.base import (
     WITH_LOGIT_TERMS,
     Batch,
@@ -118,9 +119,9 @@ class VID(Distiller):
     ) -> StepOutput:
         [teacher] = teachers
         term = vid_loss(
-            [mean.float() for mean in out["means"]],
-            [variance.float() for variance in out["variances"]],
-            [teacher.features[i + 1].float() for i in range(len(self.regressors))],
+            [losses.widened(mean) for mean in out["means"]],
+            [losses.widened(variance) for variance in out["variances"]],
+            [losses.widened(teacher.features[i + 1]) for i in range(len(self.regressors))],
         )
         logits = out["logits"]
         return StepOutput(self.with_logit_terms(term, logits, batch, teacher), logits, None)
