@@ -10,6 +10,7 @@ the teacher's forward, each student's step alone, and each fused sub-group's ste
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -89,18 +90,42 @@ def one_thread() -> Iterator[None]:
 
 
 def _count(config: Config, teacher: str | None, student: str, classes: int) -> tuple[float, float]:
-    teachers = [distillers.Teacher(models.create(teacher, classes))] if teacher else []
     train_labels = torch.arange(COUNTED_TRAIN_IMAGES) % classes
-    distiller = distillers.create(config, models.create(student, classes), teachers, train_labels)
+    teachers = [_teacher(teacher, classes)] if teacher else []
+    distiller = distillers.create(config, _student(student, classes), teachers, train_labels)
+    features = tuple(sorted(distiller.teacher_features))
+    teacher_flops, outs = _teacher_pass(teacher, classes, features) if teacher else (0.0, [])
     images = torch.randn(len(COUNTED_IMAGES), 3, 32, 32)
     batch = distillers.Batch(images, COUNTED_IMAGES % classes, COUNTED_IMAGES)
-    features = set(distiller.teacher_features)
-    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
-        outs = [t(batch.images, batch.labels, features) for t in teachers]
-    teacher_flops = counter.get_total_flops() / len(batch.images)
     with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
         distiller.train_step(batch, outs).loss.backward()
     return teacher_flops, counter.get_total_flops() / len(batch.images)
+
+
+def _student(name: str, classes: int) -> torch.nn.Module:
+    """A fresh student: a copy of one built per architecture (copying is faster than building,
+    and its FLOPs do not depend on its weights)."""
+    return copy.deepcopy(_built(name, classes))
+
+
+_built = functools.cache(models.create)
+
+
+@functools.cache
+def _teacher(name: str, classes: int) -> distillers.Teacher:
+    """One teacher per architecture for all counts: its FLOPs do not depend on its weights."""
+    return distillers.Teacher(models.create(name, classes))
+
+
+@functools.cache
+def _teacher_pass(
+    name: str, classes: int, features: tuple[int, ...]
+) -> tuple[float, list[distillers.TeacherOutput]]:
+    """The teacher's FLOPs per image and its outputs, counted once for every student."""
+    images = torch.randn(len(COUNTED_IMAGES), 3, 32, 32)
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+        out = _teacher(name, classes)(images, COUNTED_IMAGES % classes, set(features))
+    return counter.get_total_flops() / len(images), [out]
 
 
 def pass_flops(config: Config) -> tuple[float, float]:
