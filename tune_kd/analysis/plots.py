@@ -295,9 +295,12 @@ def figures(experiment: Experiment, metric: str = "best") -> dict[str, Figure]:
 
 
 def figure_bytes(fig: Figure, kind: str) -> bytes:
+    """The figure as a `kind` (png, svg) file. Its first file fixes its layout: the next ones
+    are drawn at the same positions, without solving the layout again (a third of the time)."""
     buffer = io.BytesIO()
     metadata = {"Date": None} if kind == "svg" else None  # the same plot gives the same file
     fig.savefig(buffer, format=kind, dpi=120, metadata=metadata)
+    fig.set_layout_engine("none")
     return buffer.getvalue()
 
 
