@@ -23,7 +23,6 @@ from tune_kd.distillers.at import at_loss, attention_map
 from tune_kd.distillers.fitnet import ConvReg, fitnet_loss
 from tune_kd.distillers.sp import similarity, sp_loss
 from tune_kd.distillers.vid import VIDRegressor, vid_loss
-from tune_kd.train import Run
 
 REL = 1e-10
 ATOL = 1e-10
@@ -291,12 +290,3 @@ def test_fitnet_regressors_run_stacked_under_vmap(s_shape, t_shape):
     fused = vmap(run, in_dims=(0, 0, None))(params, buffers, feat_s)
     for i, regressor in enumerate(regressors):
         torch.testing.assert_close(fused[i], regressor(feat_s), rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("method", WEIGHTS)
-def test_a_fused_student_reports_what_it_reports_alone(tiny, fused_steps, method):  # noqa: F811
-    cells = [{"lr": 0.05}, {"lr": 0.02, "momentum": 0.8}]
-    configs = [{**tiny, **SMALL, "method": method, "epochs": 1, **cell} for cell in cells]
-    grouped = train_members(Run(configs))
-    assert fused_steps and max(fused_steps) == 2
-    assert_same_metrics(grouped[1], train_members(Run([configs[1]]))[0])

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import golden_cases, golden_tensor
-from test_fused import SMALL, assert_same_metrics, train_members
+from test_fused import SMALL
 from torch import nn
 
-from tune_kd import distillers, fused, models, train
+from tune_kd import distillers, fused, models
 from tune_kd.config import Config, resolve
 from tune_kd.distillers import Batch, Teacher, TeacherOutput
 from tune_kd.distillers.base import StageShape
@@ -221,33 +221,7 @@ def test_a_method_builds_and_trains_a_step_for_students_of_any_structure(method,
     assert all(p.grad is not None for p in distiller.student.get_classifier().parameters())
 
 
-@pytest.mark.parametrize("method", ["srrl", "dkd"])
-def test_fused_students_report_what_they_report_alone(tiny, method):
-    cells = [{"method": method}, {"method": method, "lr": 0.02, "temperature": 2.0}]
-    configs = [{**tiny, **SMALL, "epochs": 2, **cell} for cell in cells]
-    run = Run(configs)
-    assert [len(g.members) for g in run.fused_groups(run.members)] == [2]
-    grouped = train_members(run)
-    for config, rows in zip(configs, grouped):
-        assert_same_metrics(rows, train_members(Run([config]))[0])
-
-
 def test_semckd_students_are_not_fused(tiny):
     run = Run([{**tiny, **SMALL, "method": "semckd", "lr": lr} for lr in (0.01, 0.05)])
     assert fused.fusion_key(run.configs[0]) is None
     assert run.fused_groups(run.members) == []
-
-
-@pytest.mark.parametrize("method", ["srrl", "semckd", "dkd"])
-def test_the_training_command_runs_each_method(teacher_checkpoint, method, tmp_path, capsys):
-    code = train.main(
-        [
-            *("--method", method, "--teacher", "resnet14", "--student", "resnet8"),
-            *("--dataset", "synthetic", "--epochs", "2", "--lr-decay-epochs", "[1]"),
-            *("--synthetic-train-size", "96", "--synthetic-test-size", "64"),
-            *("--device", "cpu", "--teacher-checkpoint", str(teacher_checkpoint)),
-            *("--out", str(tmp_path / "run")),
-        ]
-    )
-    assert code == 0
-    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import ray
 from conftest import sweep
 
 from tune_kd import plan, run
@@ -151,19 +152,24 @@ CANNOT_START = {
 
 @pytest.mark.parametrize("dry_run", [False, True], ids=["sweep", "dry-run"])
 @pytest.mark.parametrize("case", list(CANNOT_START))
-def test_a_tracker_that_cannot_start_is_one_line_before_anything_starts(tmp_path, case, dry_run):
+def test_a_tracker_that_cannot_start_is_one_line_before_anything_starts(
+    tmp_path, case, dry_run, monkeypatch, capsys
+):
+    """The command's `main`, in this process: the check comes before Ray or the storage."""
     args, env, setting = CANNOT_START[case]
     if case == "W&B online without a key":
         pytest.importorskip("wandb", reason="the wandb extra is not installed")
-    env = {k: v.format(tmp=tmp_path, port=unused_port()) for k, v in env.items()}
-    args = [*args, "--storage", str(tmp_path / "results"), "--name", "tracked"]
-    for _ in range(2):  # the same command fails the same way again: nothing was left behind
-        done = tracked_sweep(tmp_path, *args, *(["--dry-run"] if dry_run else []), env=env)
-        assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-3000:]
-        assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
-        assert setting in done.stderr and "trackers" in done.stderr
-        assert not (tmp_path / "results").exists()
-        assert "Ray" not in done.stdout
+    for name, value in env.items():
+        monkeypatch.setenv(name, value.format(tmp=tmp_path, port=unused_port()))
+    space = tmp_path / "tracked.yaml"
+    space.write_text(SPACE)
+    args = ["--space", str(space), *args, "--storage", str(tmp_path / "results"), "--name", "t"]
+    assert run.main([*args, *(["--dry-run"] if dry_run else [])]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert setting in err and "trackers" in err
+    assert not (tmp_path / "results").exists()
+    assert "Ray" not in out and not ray.is_initialized()
 
 
 @pytest.mark.parametrize(
