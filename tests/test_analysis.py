@@ -396,7 +396,7 @@ def test_published_table_holds_the_seed_numbers():
     assert (simkd.iloc[0]["mean"], simkd.iloc[0]["std"], simkd.iloc[0]["n"]) == (75.43, 0.26, 4)
     designs = published.loc[published["table"] == "Table 5", "projector_design"]
     assert list(designs) == ["1x1", "1x1-1x1", "1x1-dw3x3-1x1", "1x1-3x3-1x1"]
-    methods = {"student", "teacher", *PAPER_METHODS, "dkd", "reuse", "aveg", "sequential"}
+    methods = {"student", "teacher", *PAPER_METHODS, "dkd", "reuse", "aveg", "aekd", "sequential"}
     assert set(published["method"]) == methods
 
 

@@ -5,6 +5,7 @@ loop does not care which one it runs. `create(config, student, teachers)` builds
 """
 
 from tune_kd.distillers import (  # noqa: F401  (registers the methods)
+    aekd,
     at,
     aveg,
     crd,
