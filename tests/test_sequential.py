@@ -1,18 +1,23 @@
 """Method `sequential` (the SimKD paper's Table 4): a new classifier trained on the frozen encoder
 of a finished SimKD run. Stage 1 here is conftest's `simkd_run`, a real one-epoch SimKD run of
-`python -m tune_kd.train` on synthetic data."""
+`python -m tune_kd.train` on synthetic data, or the one a sweep trains first (`tune_kd.stage1`)."""
 
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from conftest import sweep
 
-from tune_kd import analysis, distillers, models
+from tune_kd import analysis, cost, distillers, models, run, space, stage1
 from tune_kd.analysis.published import published_for
 from tune_kd.config import Config, resolve
-from tune_kd.distillers.sequential import SequentialDistiller
+from tune_kd.distillers.sequential import SequentialDistiller, stage1_config, stage1_member
+from tune_kd.storage import Storage
 from tune_kd.train import Run, main
 
 INPUTS = ("student_pooled", "projected")
@@ -157,7 +162,7 @@ def test_a_simkd_run_of_another_pair_or_none_is_refused_in_one_line(
     line = refusal([*flags(alone), "--out", str(tmp_path / "b")], capsys)
     assert line == (
         "error: key 'sequential_from': method 'sequential' needs the finished SimKD run it "
-        "starts from"
+        "starts from (a sweep of python -m tune_kd.run trains it first)"
     )
 
 
@@ -204,3 +209,173 @@ def test_table_4_stands_beside_the_paper_s_simkd_of_each_pair():
             found = published_for({**pair, "sequential_input": source}, rows)
             assert found["published_mean"] == row["mean"]
             assert found["baseline_mean"] == simkd_column[(row["teacher"], row["student"])]
+
+
+# ----------------------------------------------------------------------------- stage 1 in a sweep
+
+TRAINED_TEACHER = {"epochs": 1, "lr_decay_epochs": [1]}  # a teacher_train of one epoch
+
+
+def sequential_space(tmp_path: Path, teacher: dict, **keys) -> space.Space:
+    """A space of sequential trials of resnet8 from a resnet14 on synthetic data: both inputs x
+    seeds 0 and 1 unless `keys` replace the grid; `teacher` says where the teacher comes from."""
+    document = {
+        "name": "sequential",
+        "dataset": "synthetic",
+        "synthetic_train_size": 96,
+        "synthetic_test_size": 64,
+        "teacher": "resnet14",
+        "student": "resnet8",
+        "method": "sequential",
+        "batch_size": 32,
+        "epochs": 1,
+        "lr_decay_epochs": [1],
+        "grid": {"sequential_input": list(INPUTS), "seed": [0, 1]},
+        "resources": {"cpu": 1, "gpu": 0.25},
+        **teacher,
+        **keys,
+    }
+    path = tmp_path / "sequential.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return space.load(path)
+
+
+def test_both_inputs_of_a_seed_share_one_stage1_run_and_seeds_have_their_own(
+    tmp_path, teacher_checkpoint
+):
+    loaded = sequential_space(tmp_path, {"teacher_train": TRAINED_TEACHER})
+    assert [n.config.seed for n in loaded.stage1] == [0, 1]
+    by_seed = {}
+    for trial in loaded.trials:
+        by_seed.setdefault(trial.config.seed, set()).add(trial.stage1_key)
+    assert by_seed == {seed: {loaded.stage1[seed].key} for seed in (0, 1)}
+    for need in loaded.stage1:
+        assert need.config.method == "simkd" and need.config.sequential_from is None
+        assert need.teacher_key == loaded.teachers[0].key  # the teacher trained first
+    # an explicit stage 1 is read from its file: nothing is trained first
+    given = sequential_space(
+        tmp_path,
+        {"teacher_checkpoints": {"resnet14": str(teacher_checkpoint)}},
+        sequential_from="elsewhere/run",
+    )
+    assert given.stage1 == [] and {t.stage1_key for t in given.trials} == {None}
+    assert {t.config.sequential_from for t in given.trials} == {"elsewhere/run"}
+
+
+def test_another_teacher_file_is_another_stage1_run(tmp_path, teacher_checkpoint):
+    trained = sequential_space(tmp_path, {"teacher_train": TRAINED_TEACHER})
+    from_file = sequential_space(
+        tmp_path, {"teacher_checkpoints": {"resnet14": str(teacher_checkpoint)}}
+    )
+    assert {n.key for n in trained.stage1}.isdisjoint(n.key for n in from_file.stage1)
+    assert from_file.stage1[0].config.teacher_checkpoint == str(teacher_checkpoint)
+
+
+class FakeStage1:
+    """Stands in for Tune: every stage-1 run it trains ends with `checkpoint` (None: failed)."""
+
+    def __init__(self, checkpoint: bytes | None):
+        self.checkpoint = checkpoint
+        self.calls: list[tuple[str, list[Config]]] = []
+
+    def __call__(self, experiment: str, configs: list[Config]) -> list[bytes | None]:
+        self.calls.append((experiment, configs))
+        return [self.checkpoint for _ in configs]
+
+
+def test_missing_stage1_runs_are_trained_once_cached_and_read_by_the_trials(
+    tmp_path, teacher_checkpoint, simkd_run, tiny
+):
+    loaded = sequential_space(
+        tmp_path, {"teacher_checkpoints": {"resnet14": str(teacher_checkpoint)}}
+    )
+    storage = Storage(str(tmp_path / "results"))
+    train = FakeStage1((simkd_run / "checkpoint.pt").read_bytes())
+    stage1.train_missing(loaded, storage, train)
+    [(experiment, configs)] = train.calls
+    assert experiment.startswith("stage1-")
+    for source in INPUTS:  # seeds 0 and 1 of each input
+        trials = [t for t in loaded.trials if t.config.sequential_input == source]
+        assert configs == [stage1_config(t.config) for t in trials]
+    assert [(c.method, c.seed) for c in configs] == [("simkd", 0), ("simkd", 1)]
+    stage1.train_missing(loaded, storage, train)
+    assert len(train.calls) == 1  # cached: not trained again
+    [first, second] = loaded.stage1
+    parts = stage1.cache_parts(first)
+    assert parts[:2] == ("stage1", f"resnet14-resnet8-{first.hash}")
+    assert yaml.safe_load(storage.read(*parts[:2], "config.yaml"))["seed"] == 0
+    ready = loaded.with_stage1_runs(stage1.cached_runs(loaded.stage1, storage))
+    for trial in ready.trials:
+        need = first if trial.config.seed == 0 else second
+        assert trial.config.sequential_from == storage.uri_of(*stage1.cache_parts(need))
+    # the trial reads the cached run, here through a URI of the storage as on an object store
+    uri = "file://" + storage.uri_of(*parts)
+    config = Config.from_dict({**tiny, "method": "sequential", "sequential_from": uri})
+    member, state = stage1_member(uri, config)
+    assert member.method == "simkd"
+    assert state.keys() == torch.load(simkd_run / "checkpoint.pt")["members"][0]["distiller"].keys()
+
+
+def test_a_stage1_run_that_fails_names_its_experiment_and_caches_nothing(
+    tmp_path, teacher_checkpoint
+):
+    loaded = sequential_space(
+        tmp_path, {"teacher_checkpoints": {"resnet14": str(teacher_checkpoint)}}
+    )
+    storage = Storage(str(tmp_path / "results"))
+    with pytest.raises(RuntimeError) as raised:
+        stage1.train_missing(loaded, storage, FakeStage1(None))
+    message = str(raised.value)
+    assert message.startswith("training stage-1 SimKD run resnet14 -> resnet8 seed 0 failed: see ")
+    assert str(tmp_path / "results" / "stage1-") in message
+    assert not storage.exists("stage1")
+
+
+def test_the_dry_run_lists_the_stage1_runs_and_counts_their_gpu_hours(
+    tmp_path, teacher_checkpoint, capsys
+):
+    teacher = {"teacher_checkpoints": {"resnet14": str(teacher_checkpoint)}}
+    loaded = sequential_space(tmp_path, teacher)
+    assert run.main(["--dry-run", "--space", str(loaded.path), "--storage", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    listed = re.findall(
+        r"stage-1 SimKD run resnet14 -> resnet8: trained first \(recipe (\w+), seed (\d)\)", out
+    )
+    assert listed == [(n.hash, str(n.config.seed)) for n in loaded.stage1]
+    given = sequential_space(tmp_path, teacher, sequential_from="elsewhere/run")
+    assert "stage-1" not in run.describe_plan(given)
+    stage1_hours = sum(cost.gpu_hours(n.config) for n in loaded.stage1)
+    assert stage1_hours > 0
+    assert run.plan_gpu_hours(loaded) == pytest.approx(run.plan_gpu_hours(given) + stage1_hours)
+
+
+@pytest.mark.e2e
+def test_a_sweep_trains_its_teacher_then_stage1_then_its_trials_and_reuses_stage1(tmp_path):
+    """Sequential trials without `sequential_from` under a local Ray: the teacher, then the one
+    stage-1 run both inputs share, then the trials; the same command again trains neither."""
+    loaded = sequential_space(
+        tmp_path,
+        {"teacher_train": TRAINED_TEACHER},
+        grid={"sequential_input": list(INPUTS), "seed": [0]},
+        resources={"cpu": 1, "gpu": 0},
+    )
+    [need] = loaded.stage1
+    storage = tmp_path / "results"
+    command = ["--space", str(loaded.path), "--storage", str(storage)]
+    first = sweep(*command)
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = first.stdout
+    teacher = out.index("training 1 teacher(s) first: resnet14")
+    stage1_line = out.index("training 1 stage-1 SimKD run(s) first: resnet14 -> resnet8 seed 0")
+    assert teacher < stage1_line < out.index("2 planned: 2 completed")
+    cached = storage / "stage1" / f"resnet14-resnet8-{need.hash}" / "checkpoint.pt"
+    [member] = torch.load(cached, weights_only=True)["members"]
+    assert member["config"]["method"] == "simkd" and member["config"]["seed"] == 0
+    assert any(k.startswith("projectors.") for k in member["distiller"])
+    [experiment] = storage.glob("sequential-*")
+    plan = json.loads((experiment / "tune_kd_plan.json").read_text())
+    assert {t["config"]["sequential_from"] for t in plan["trials"]} == {str(cached)}
+    again = sweep(*command)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "training" not in again.stdout and "2 planned: 2 completed" in again.stdout
+    assert len(list(storage.glob("stage1-*"))) == len(list(storage.glob("teachers-*"))) == 1

@@ -1,7 +1,8 @@
 """Run a sweep: `python -m tune_kd.run --space search_spaces/<grid>.yaml`.
 
-Validates the space file in full, trains the teachers it needs (once: they are cached under the
-storage by a hash of their recipe), then runs every trial with Ray Tune, on a local Ray or the
+Validates the space file in full, trains the teachers it needs, then the stage-1 SimKD runs its
+sequential trials start from (each once: they are cached under the storage by a hash of their
+configuration), then runs every trial with Ray Tune, on a local Ray or the
 cluster of `--address auto`, and ends with the results' tables. SIGINT, SIGTERM or SIGUSR1 stop
 it with its state saved (exit status 128 + the signal's number), and `--resume` continues it.
 """
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tune_kd import cli, cost, distillers, params, plan, teachers, tuner
+from tune_kd import cli, cost, distillers, params, plan, stage1, teachers, tuner
 from tune_kd import data as datasets
 from tune_kd import space as spaces
 from tune_kd.config import ConfigError
@@ -118,6 +119,11 @@ def describe_plan(space: Space) -> str:
             f"trained first (recipe {teachers.recipe_hash(need.recipe)}, seed {need.recipe.seed})"
         )
         lines.append(f"teacher {need.arch}: {source}")
+    for run in space.stage1:
+        lines.append(
+            f"stage-1 SimKD run {run.config.teacher} -> {run.config.student}: "
+            f"trained first (recipe {run.hash}, seed {run.config.seed})"
+        )
     lines.append(f"estimated compute: {estimated_compute(space)}")
     return "\n".join(lines)
 
@@ -192,12 +198,13 @@ def format_bytes(count: int) -> str:
 
 def plan_gpu_hours(space: Space, grouped: bool = True) -> float:
     """Every Ray trial's estimate (an Optuna search: its samples at the base's cost), and the
-    teachers trained first. `grouped=False`: every trial alone."""
+    teachers and stage-1 runs trained first. `grouped=False`: every trial alone."""
     packed = space.groups if grouped else [[t] for t in space.trials]
     hours = sum(cost.group_gpu_hours([t.config for t in group]) for group in packed)
     if space.search.algorithm == "optuna":
         hours *= space.search.samples
-    return hours + sum(cost.gpu_hours(n.recipe) for n in space.teachers if n.recipe)
+    first = [n.recipe for n in space.teachers if n.recipe] + [n.config for n in space.stage1]
+    return hours + sum(cost.gpu_hours(config) for config in first)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -383,18 +390,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.max_failures,
     )
     with tuner.StopSignals() as stop:
+        prepared = None
         try:
-            teachers.train_missing(
-                space.teachers, storage, functools.partial(launcher.fit_alone, space)
-            )
+            prepared = train_first(launcher, space, stop)
         except RuntimeError as error:
             if stop.received is None:
                 print(f"error: {error}", file=sys.stderr)
                 return 1
-        if stop.received is not None:  # the finished teachers are cached; no trial started
-            print("interrupted: while training the teachers; run the same command again")
+        if prepared is None:  # the finished teachers and stage-1 runs are cached; no trial started
+            print(
+                "interrupted: while training the teachers or stage-1 runs first; "
+                "run the same command again"
+            )
             return stop.exit_status()
-        return run_sweep(args, launcher, space, name, space_text, overrides, stop)
+        space, states = prepared
+        return run_sweep(args, launcher, space, name, space_text, overrides, stop, states)
+
+
+def train_first(
+    launcher: tuner.Launcher, space: Space, stop: tuner.StopSignals
+) -> tuple[Space, dict[str, Any]] | None:
+    """Train what the trials need and the cache lacks, each kind as an experiment of its own:
+    the teachers, then the stage-1 runs (which distil from them). The space reading both from
+    the cache, and every teacher's weights; None when a signal stopped it. A run that failed
+    raises RuntimeError."""
+    storage = launcher.storage
+    teachers.train_missing(space.teachers, storage, functools.partial(launcher.fit_alone, space))
+    if stop.received is not None:
+        return None
+    space = space.with_teacher_checkpoints(teachers.cached_checkpoints(space.teachers, storage))
+    states = teachers.load_states(space.teachers, storage)
+    train = functools.partial(
+        launcher.fit_alone, space, teacher_states=states, results=tuner.final_runs
+    )
+    stage1.train_missing(space, storage, train)
+    if stop.received is not None:
+        return None
+    return space.with_stage1_runs(stage1.cached_runs(space.stage1, storage)), states
 
 
 def run_sweep(
@@ -405,12 +437,12 @@ def run_sweep(
     space_text: str,
     overrides: dict[str, Any],
     stop: tuner.StopSignals,
+    states: dict[str, Any],
 ) -> int:
-    """Run or continue the experiment `name` until every trial ends or a signal stops it; the
-    results' tables, then the exit status (a stop's ends in the line that continues it)."""
+    """Run or continue the experiment `name` (its trials reading what was trained first, the
+    teachers' weights `states`) until every trial ends or a signal stops it; the results'
+    tables, then the exit status (a stop's ends in the line that continues it)."""
     storage = launcher.storage
-    space = space.with_teacher_checkpoints(teachers.cached_checkpoints(space.teachers, storage))
-    states = teachers.load_states(space.teachers, storage)
     if args.resume:
         results = launcher.restore(space, name, states).fit()
     else:

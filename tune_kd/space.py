@@ -17,8 +17,8 @@ sweep keys:
 `grids:` (a list of grids) runs their union. A grid axis that is not a configuration key takes
 mappings, each setting several keys together: `pair: [{teacher: resnet32x4, student: vgg8}, ...]`.
 
-The teachers the trials distil from are resolved by `tune_kd.teachers`; `tune_kd.tuner` hands the
-trials to Ray Tune.
+The teachers the trials distil from are resolved by `tune_kd.teachers`, the stage-1 runs of
+sequential trials by `tune_kd.stage1`; `tune_kd.tuner` hands the trials to Ray Tune.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from tune_kd import teachers
+from tune_kd import stage1, teachers
 from tune_kd.cli import first_line
 from tune_kd.config import (
     KEYS,
@@ -49,6 +49,7 @@ from tune_kd.config import (
     check_value,
     suggest,
 )
+from tune_kd.stage1 import Stage1Need
 from tune_kd.teachers import TeacherNeed
 
 SCHEDULERS = ("fifo", "asha")
@@ -118,13 +119,15 @@ class Search:
 class Trial:
     """One planned run: its place in the plan, the values that identify it, its configuration,
     the `TeacherNeed.key` of the teacher it distils from (None: a student trained alone) and those
-    of its extra teachers (a multi-teacher method's)."""
+    of its extra teachers (a multi-teacher method's), and the `Stage1Need.key` of the stage-1 run
+    it starts from (a sequential trial's without `sequential_from`)."""
 
     index: int
     axes: dict[str, Any]
     config: Config
     teacher_key: str | None = None
     extra_teacher_keys: tuple[str, ...] = ()
+    stage1_key: str | None = None
 
     @property
     def labels(self) -> dict[str, Any]:
@@ -141,8 +144,8 @@ class Trial:
 @dataclass
 class Space:
     """A validated space file: its trials (a grid's every combination, or the one configuration
-    Optuna's samples complete), the teachers they need, how the sweep runs them, and the `--set`
-    values it was loaded with."""
+    Optuna's samples complete), the teachers and stage-1 runs they need, how the sweep runs them,
+    and the `--set` values it was loaded with."""
 
     path: Path
     name: str
@@ -157,6 +160,7 @@ class Space:
     group_students: bool
     trackers: list[str] = field(default_factory=list)
     overrides: dict[str, Any] = field(default_factory=dict)
+    stage1: list[Stage1Need] = field(default_factory=list)
 
     def single_trial(self) -> dict[str, Any]:
         """The configuration of a file that describes exactly one run (for `tune_kd.train`)."""
@@ -206,6 +210,20 @@ class Space:
         distilling from those files: where the teachers trained first are cached."""
         files = {n.key: n.checkpoint for n in self.teachers if n.checkpoint} | dict(checkpoints)
         return dataclasses.replace(self, trials=[_with_files(t, files) for t in self.trials])
+
+    def with_stage1_runs(self, runs: Mapping[str, str]) -> Space:
+        """This space with every trial whose stage-1 run is in `runs` (by `Stage1Need.key`)
+        starting from that checkpoint (its `sequential_from`): where the runs trained first are
+        cached."""
+        trials = [
+            dataclasses.replace(
+                t, config=dataclasses.replace(t.config, sequential_from=runs[t.stage1_key])
+            )
+            if t.stage1_key in runs
+            else t
+            for t in self.trials
+        ]
+        return dataclasses.replace(self, trials=trials)
 
 
 SPACE_KEYS = (
@@ -327,6 +345,10 @@ def _parse(path: Path, raw: dict[str, Any]) -> Space:
         [t.config for t in trials], raw.get("teacher_checkpoints"), raw.get("teacher_train")
     )
     trials = [_distilling(trial, own) for trial, own in zip(trials, needs)]
+    runs = stage1.needed([t.config for t in trials], [t.teacher_key for t in trials])
+    trials = [
+        dataclasses.replace(t, stage1_key=run.key) if run else t for t, run in zip(trials, runs)
+    ]
     return Space(
         path=path,
         name=check_folder_name("name", check_value("name", raw.get("name", path.stem), str, {})),
@@ -340,6 +362,7 @@ def _parse(path: Path, raw: dict[str, Any]) -> Space:
         metric=check_value("metric", raw.get("metric", "best_test_acc"), str, {"choices": METRICS}),
         group_students=group_students,
         trackers=check_value("trackers", raw.get("trackers", []), list[str], {"choices": TRACKERS}),
+        stage1=list({n.key: n for n in runs if n}.values()),
     )
 
 

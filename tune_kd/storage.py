@@ -33,6 +33,9 @@ class Storage:
     def exists(self, *parts: str) -> bool:
         return self.fs.get_file_info(self.path(*parts)).type != pyarrow.fs.FileType.NotFound
 
+    def is_folder(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.path(*parts)).type == pyarrow.fs.FileType.Directory
+
     def unwritable(self) -> str | None:
         """Why files cannot be written here, found without writing anything; None when they can
         (or, for an object store, when only a write would tell)."""

@@ -8,7 +8,9 @@ method reads its further teachers (`extra_teachers`) the same way, each from its
 cached under the storage by a hash of its recipe, in the field's layout
 (`teachers/<arch>_vanilla-<hash>/ckpt_epoch_<E>.pth`), so that later sweeps, and `tune_kd.train` of
 one of their trials, reuse it; so is a sweep's own cross-entropy run whose configuration is such a
-recipe. A sweep trains missing teachers as Tune trials, `tune_kd.train` in its own process.
+recipe. A sweep trains missing teachers as Tune trials, `tune_kd.train` in its own process. The
+stage-1 runs of method sequential (`tune_kd.stage1`) are trained and cached the same way
+(`train_and_cache`).
 """
 
 from __future__ import annotations
@@ -148,10 +150,11 @@ def teacher_recipe(
 
 
 def recipe_hash(recipe: Config | None) -> str:
-    """A short hash of what a teacher's training computes (not where it runs)."""
+    """A short hash of what a run trained first (a teacher, a stage-1 run) computes, not where
+    it runs: its resolved keys, without those its method does not read."""
     assert recipe is not None
     resolved = resolve(dataclasses.replace(recipe, device="cpu"))
-    unused = (*EXECUTION_KEYS, *UNUSED_BY_METHOD["student"])
+    unused = (*EXECUTION_KEYS, *UNUSED_BY_METHOD[recipe.method])
     values = {k: v for k, v in resolved.to_dict().items() if k not in unused}
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -189,22 +192,51 @@ def train_missing(
     storage: Storage,
     train: Callable[[str, list[Config]], Sequence[bytes | None]],
 ) -> None:
-    """Train the recipe teachers not yet in the cache, and cache them with their recipe.
+    """Train the recipe teachers not yet in the cache, and cache them with their recipe
+    (`train_and_cache`)."""
+    missing = [
+        TrainedFirst(n.arch, n.recipe, cache_parts(n))
+        for n in needs
+        if n.recipe and not storage.exists(*cache_parts(n))
+    ]
+    train_and_cache("teacher", "teachers", missing, storage, train)
 
-    `train(experiment, recipes)` runs the recipes as one experiment of that name under the storage
-    and returns each one's final weights (None: it failed); a failure raises RuntimeError."""
-    missing = [n for n in needs if n.recipe and not storage.exists(*cache_parts(n))]
+
+@dataclass(frozen=True)
+class TrainedFirst:
+    """A run a sweep trains before its trials: its name in messages, its configuration, and
+    where its result is cached under the storage."""
+
+    label: str
+    config: Config
+    parts: tuple[str, ...]
+
+
+def train_and_cache(
+    kind: str,
+    experiment: str,
+    missing: Sequence[TrainedFirst],
+    storage: Storage,
+    train: Callable[[str, list[Config]], Sequence[bytes | None]],
+) -> None:
+    """Train `missing` (runs of one `kind`, named in the lines printed) as one experiment
+    `<experiment>-<time>`, and cache each one's result with its configuration (`config.yaml`
+    beside it).
+
+    `train(experiment, configs)` runs the configurations as one experiment of that name under
+    the storage and returns each one's result (None: it failed); a failure raises RuntimeError,
+    with the runs cached that finished before it."""
     if not missing:
         return
-    print(f"training {len(missing)} teacher(s) first: {', '.join(n.arch for n in missing)}")
-    name = f"teachers-{time.strftime('%Y%m%d-%H%M%S')}"
-    results = train(name, [n.recipe for n in missing])
-    for need, result in zip(missing, results):
+    print(f"training {len(missing)} {kind}(s) first: {', '.join(m.label for m in missing)}")
+    name = f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+    results = train(name, [m.config for m in missing])
+    for item, result in zip(missing, results):
         if result is None:
-            raise RuntimeError(f"training teacher {need.arch} failed: see {storage.uri_of(name)}")
-        storage.write(result, *cache_parts(need))
+            raise RuntimeError(f"training {kind} {item.label} failed: see {storage.uri_of(name)}")
+        storage.write(result, *item.parts)
         storage.write(
-            yaml.safe_dump(need.recipe.to_dict()).encode(), *cache_parts(need)[:2], "config.yaml"
+            yaml.safe_dump(item.config.to_dict()).encode(), *item.parts[:-1], "config.yaml"
         )
 
 

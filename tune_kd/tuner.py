@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,15 +88,18 @@ class Launcher:
             run_config=run_config,
         )
 
-    def fit(self, space: Space, name: str, teacher_states: Mapping[str, Any]) -> list[bytes | None]:
-        """Run `space` to the end; each planned trial's final student weights (None: it failed)."""
-        results = self.tuner(space, name, teacher_states).fit()
-        return final_students(results, space)
-
-    def fit_alone(self, space: Space, name: str, configs: Sequence[Config]) -> list[bytes | None]:
-        """Run `configs` (cross-entropy runs) as an experiment of their own under `space`'s
-        metric and trackers: one Tune trial each, labelled by its student, without search,
-        scheduler or teachers; each one's final weights (None: it failed)."""
+    def fit_alone(
+        self,
+        space: Space,
+        name: str,
+        configs: Sequence[Config],
+        teacher_states: Mapping[str, Any] | None = None,
+        results: Callable[[Any, Space], list[bytes | None]] | None = None,
+    ) -> list[bytes | None]:
+        """Run `configs` (what a sweep trains first: its teachers, or its stage-1 runs, which
+        distil from `teacher_states`) as an experiment of their own under `space`'s metric and
+        trackers: one Tune trial each, labelled by its student, without search or scheduler;
+        each one's `results` (default `final_students`; None: it failed)."""
         trials = [Trial(i, {"student": c.student}, c) for i, c in enumerate(configs)]
         alone = dataclasses.replace(
             space,
@@ -104,11 +107,13 @@ class Launcher:
             trials=trials,
             axes=["student"],
             teachers=[],
+            stage1=[],
             search=Search(),
             scheduler=Scheduler(),
             group_students=False,
         )
-        return self.fit(alone, name, teacher_states={})
+        ended = self.tuner(alone, name, teacher_states or {}).fit()
+        return (results or final_students)(ended, alone)
 
     def restore(self, space: Space, name: str, teacher_states: Mapping[str, Any]) -> Any:
         """The Tuner that continues experiment `name`: its unfinished and failed trials, shown
@@ -130,9 +135,23 @@ class Launcher:
 
 def final_students(results: Any, space: Space) -> list[bytes | None]:
     """Weights exported by each finished, non-diverged student, in plan order."""
-    from tune_kd.trainable import student_file
+    return _finished(results, space, lambda student, run: student.read_bytes())
 
-    students: list[bytes | None] = [None] * len(space.trials)
+
+def final_runs(results: Any, space: Space) -> list[bytes | None]:
+    """The final run checkpoint (`tune_kd.train.Run.save`: every student of the Tune trial, its
+    projectors, its configuration) of each finished, non-diverged student, in plan order."""
+    return _finished(results, space, lambda student, run: run.read_bytes())
+
+
+def _finished(
+    results: Any, space: Space, read: Callable[[Path, Path], bytes]
+) -> list[bytes | None]:
+    """`read(student's exported weights, run checkpoint)` of each student that exported its
+    weights in its Tune trial's last checkpoint (it finished without diverging), in plan order."""
+    from tune_kd.trainable import RUN_STATE, student_file
+
+    found: list[bytes | None] = [None] * len(space.trials)
     for result in results:
         if result.error or result.checkpoint is None or "index" not in result.config:
             continue
@@ -140,8 +159,8 @@ def final_students(results: Any, space: Space) -> list[bytes | None]:
             for position, trial in enumerate(space.groups[result.config["index"]]):
                 path = Path(folder) / student_file(position)
                 if path.exists():
-                    students[trial.index] = path.read_bytes()
-    return students
+                    found[trial.index] = read(path, Path(folder) / RUN_STATE)
+    return found
 
 
 def member_params(trial: Trial) -> dict[str, Any]:

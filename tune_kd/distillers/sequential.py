@@ -4,10 +4,13 @@ new student classifier from scratch"), the baseline that shows why SimKD reuses 
 classifier rather than training the student's own.
 
 Stage 1 is a SimKD run as any other (method `simkd`); `sequential_from` names its checkpoint (the
-`checkpoint.pt` that `tune_kd.train` writes, or its run folder). Stage 2, this method, loads that
-run's student and projectors, freezes them, keeps them in eval mode (their batch-norm statistics
-never move, in training as at evaluation), and trains a newly initialised linear classifier with
-cross-entropy on the standard recipe. Only the classifier is in the optimizer.
+`checkpoint.pt` that `tune_kd.train` writes, or its run folder; a local path or a storage URI).
+Without it, a sweep (`python -m tune_kd.run`) first trains the trial's own stage 1, SimKD of the
+same teacher, student, seed and training keys (`stage1_config`), and caches it under its storage
+for later sweeps (`tune_kd.stage1`). Stage 2, this method, loads that run's student and
+projectors, freezes them, keeps them in eval mode (their batch-norm statistics never move, in
+training as at evaluation), and trains a newly initialised linear classifier with cross-entropy on
+the standard recipe. Only the classifier is in the optimizer.
 
 What the classifier reads (`sequential_input`) is our inference, not the paper's words: the paper
 only says the student classifier is new and trained from scratch. `student_pooled` (the default):
@@ -26,6 +29,7 @@ the teacher's pass (the distiller reports `uses_teacher` False to the training s
 
 from __future__ import annotations
 
+import io
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,6 +52,7 @@ from tune_kd.distillers.base import (
 )
 from tune_kd.distillers.registry import register
 from tune_kd.distillers.simkd import SimKD, SimKDDistiller, stage_pairs
+from tune_kd.storage import Storage
 
 if TYPE_CHECKING:
     from tune_kd.config import Config
@@ -63,16 +68,13 @@ def _error(message: str) -> ValueError:
 
 def stage1_member(path: str | Path, config: Config) -> tuple[Config, dict[str, Tensor]]:
     """The stage-1 SimKD student of `config` in the run checkpoint at `path` (a file, or a run
-    folder holding `checkpoint.pt`): its configuration and its distiller's state. Refuses (one
-    line) a missing or unreadable file, and a checkpoint without a SimKD student of `config`'s
-    student and teacher architectures (the one of `config`'s seed where it has several)."""
-    file = Path(path)
-    if file.is_dir():
-        file = file / CHECKPOINT_NAME
-    if not file.is_file():
-        raise _error(f"no SimKD run checkpoint at {file}")
+    folder holding `checkpoint.pt`; a local path, or a storage URI such as s3://...): its
+    configuration and its distiller's state. Refuses (one line) a missing or unreadable file, and
+    a checkpoint without a SimKD student of `config`'s student and teacher architectures (the one
+    of `config`'s seed where it has several)."""
+    file, source = _checkpoint_source(path)
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        state = torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise _error(f"{file} is not a checkpoint of tensors: refused to unpickle it") from None
     except (RuntimeError, EOFError, OSError) as error:
@@ -100,6 +102,26 @@ def stage1_member(path: str | Path, config: Config) -> tuple[Config, dict[str, T
     return found[0]
 
 
+def _checkpoint_source(path: str | Path) -> tuple[str, Path | io.BytesIO]:
+    """The run checkpoint at `path` (a file, or a run folder holding one), named as messages name
+    it, and what `torch.load` reads: the local file, or the bytes read through `Storage` of one
+    under a URI."""
+    if "://" not in str(path):
+        file = Path(path)
+        if file.is_dir():
+            file = file / CHECKPOINT_NAME
+        if not file.is_file():
+            raise _error(f"no SimKD run checkpoint at {file}")
+        return str(file), file
+    location = Storage(str(path))
+    if location.is_folder():
+        location = Storage(location.uri_of(CHECKPOINT_NAME))
+    try:
+        return location.uri, io.BytesIO(location.read())
+    except OSError:
+        raise _error(f"no SimKD run checkpoint at {location.uri}") from None
+
+
 @register
 class SequentialDistiller(Distiller):
     """A frozen SimKD encoder (the student, and its last projector for `projected`) and a new
@@ -111,7 +133,7 @@ class SequentialDistiller(Distiller):
             "sequential_from",
             None,
             "the finished SimKD run whose encoder the new classifier reads: its checkpoint.pt "
-            "or run folder",
+            "or run folder (none: a sweep trains the trial's own SimKD run first)",
             kind=str | None,
         ),
         key(
@@ -134,10 +156,10 @@ class SequentialDistiller(Distiller):
         train_labels: Tensor | None = None,
     ):
         super().__init__(student, config, teachers, train_labels)
-        stage1_config, state = _stage1_config(config), None
+        stage1_run, state = stage1_config(config), None
         if config.sequential_from is not None:
-            stage1_config, state = stage1_member(config.sequential_from, config)
-        stage1 = SimKDDistiller(student, stage1_config, teachers)
+            stage1_run, state = stage1_member(config.sequential_from, config)
+        stage1 = SimKDDistiller(student, stage1_run, teachers)
         if state is not None:
             try:
                 stage1.load_state_dict(state)
@@ -159,7 +181,10 @@ class SequentialDistiller(Distiller):
     @classmethod
     def check_run(cls, config: Config) -> None:
         if config.sequential_from is None:
-            raise _error("method 'sequential' needs the finished SimKD run it starts from")
+            raise _error(
+                "method 'sequential' needs the finished SimKD run it starts from "
+                "(a sweep of python -m tune_kd.run trains it first)"
+            )
 
     @classmethod
     def deployed_parameters(
@@ -172,7 +197,7 @@ class SequentialDistiller(Distiller):
             width = feature_shapes(student)[-1][0]
             return encoder + (width + 1) * config.num_classes
         assert teacher is not None
-        stage1 = _stage1_config(config)
+        stage1 = stage1_config(config)
         shapes_s, shapes_t = stage_shapes(student), stage_shapes(teacher)
         s, t = stage_pairs(stage1.projector, len(shapes_s), len(shapes_t))[-1]
         projector = SimKD(
@@ -214,7 +239,9 @@ class SequentialDistiller(Distiller):
         return self.forward(images)["logits"]
 
 
-def _stage1_config(config: Config) -> Config:
-    """Stage 1 as this configuration alone describes it: SimKD with its default projector (what
-    the dry run's counts build before any stage-1 checkpoint is read)."""
-    return config.replace(method="simkd", sequential_from=None)
+def stage1_config(config: Config) -> Config:
+    """Stage 1 as this configuration alone describes it: SimKD with its default projector, of
+    the same teacher, student, seed and training keys (what the dry run's counts build before any
+    stage-1 checkpoint is read, and what a sweep trains first for a trial without
+    `sequential_from`)."""
+    return config.replace(method="simkd", sequential_from=None, sequential_input=INPUTS[0])
