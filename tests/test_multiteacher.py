@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from conftest import save_checkpoint
+from test_fused import assert_same_metrics, fused_steps, train_members  # noqa: F401
 
 from tune_kd import analysis, distillers, losses, models, run, space, teachers, train
 from tune_kd.config import Config, resolve
@@ -180,6 +181,24 @@ def test_a_group_runs_each_teacher_once_per_batch_for_all_its_students(two_teach
     trained.train_epoch()
     assert list(calls.values()) == [2, 2]  # 64 images, batches of 32
     assert all(not m.diverged for m in trained.members)
+
+
+@pytest.mark.parametrize("method", ["aveg", "simkd"])
+def test_a_fused_student_of_two_teachers_reports_what_it_reports_alone(
+    method,
+    two_teachers,
+    fused_steps,  # noqa: F811
+):
+    configs = [
+        tiny_multi(two_teachers, method=method, epochs=2, fuse_students=True),
+        tiny_multi(two_teachers, method=method, epochs=2, fuse_students=True, lr=0.02),
+    ]
+    grouped = train.Run(configs)
+    assert [m.distiller.teacher_count for m in grouped.members] == [2, 2]
+    rows = train_members(grouped)
+    assert fused_steps and max(fused_steps) == 2  # both students in each step
+    for config, got in zip(configs, rows):
+        assert_same_metrics(got, train_members(train.Run([config]))[0])
 
 
 def test_the_command_line_trains_from_two_teachers(two_teachers, tmp_path, capsys):

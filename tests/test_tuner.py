@@ -111,6 +111,19 @@ def test_a_group_shows_its_size_and_only_the_axes_its_students_share(capsys):
         assert {int(row["seed"])} == {t.axes["seed"] for t in group}
 
 
+def test_a_group_of_several_teachers_shows_its_extra_teachers(capsys):
+    """paper_table6.yaml's groups each share a list of extra teachers (a value that cannot be
+    hashed): a column like any other, holding the group's list."""
+    loaded = space.load(SPACES / "paper_table6.yaml", {"seed": [0]})
+    trials = tune_trials(loaded)
+    rows = progress_table(loaded, trials, capsys)
+    assert headings(rows)[:4] == ["students", "teacher", "extra_teachers", "seed"]
+    assert len(rows) == len(loaded.groups) == 3
+    for trial in trials:
+        group = loaded.groups[int(plan.TRIAL_FOLDER.fullmatch(str(trial))[1])]
+        assert all(t.axes.get("extra_teachers") == trial.config["extra_teachers"] for t in group)
+
+
 def test_an_optuna_trial_is_named_by_its_id_and_shows_the_sampled_values(capsys):
     loaded = space.load(SPACES / "optuna_lr_wd.yaml")
     [trial] = tune_trials(loaded)

@@ -188,9 +188,9 @@ def param_space(space: Space) -> dict[str, Any]:
     if space.group_students:
         params["students"] = tune.sample_from(_PlannedValue([len(g) for g in packed]))
     for axis in space.axes:
-        values = [{t.axes.get(axis) for t in group} for group in packed]
-        if all(len(v) == 1 for v in values):
-            params[axis] = tune.sample_from(_PlannedValue([v.pop() for v in values]))
+        values = [[t.axes.get(axis) for t in group] for group in packed]  # lists: not hashable
+        if all(v.count(v[0]) == len(v) for v in values):
+            params[axis] = tune.sample_from(_PlannedValue([v[0] for v in values]))
     return params
 
 
