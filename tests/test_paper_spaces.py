@@ -82,12 +82,12 @@ def test_paper_reuse_runs_every_method_and_ranks_their_pruning_ratios(tmp_path):
 def test_paper_table6_trains_both_teacher_groups_from_all_their_teachers(tmp_path):
     experiment, out = run_tiny("paper_table6.yaml", tmp_path / "results", "table6")
     assert "training 4 teacher(s) first: resnet32x4, resnet32x4, resnet32x4, resnet110x2" in out
-    assert "5 planned: 5 completed" in out
+    assert "7 planned: 7 completed" in out
     trials = finished_trials(experiment)
     groups = trials.groupby("extra_teachers")["method"].apply(sorted).to_dict()
     assert groups == {
-        '["resnet32x4", "resnet32x4"]': ["aveg", "simkd"],
-        '["resnet32x4", "resnet110x2"]': ["aveg", "simkd"],
+        '["resnet32x4", "resnet32x4"]': ["aekd", "aveg", "simkd"],
+        '["resnet32x4", "resnet110x2"]': ["aekd", "aveg", "simkd"],
     }
 
     plan = json.loads((experiment / "tune_kd_plan.json").read_text())
@@ -112,4 +112,4 @@ def test_paper_table6_trains_both_teacher_groups_from_all_their_teachers(tmp_pat
                     if key.startswith("projectors.") and value.ndim == 4
                 }
                 assert [last_conv[i] for i in sorted(last_conv)] == widths
-    assert distilled == 4
+    assert distilled == 6
