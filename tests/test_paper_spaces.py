@@ -113,3 +113,18 @@ def test_paper_table6_trains_both_teacher_groups_from_all_their_teachers(tmp_pat
                 }
                 assert [last_conv[i] for i in sorted(last_conv)] == widths
     assert distilled == 6
+
+
+@pytest.mark.e2e
+def test_paper_table4_trains_each_pairs_simkd_run_first_then_both_classifiers(tmp_path):
+    experiment, out = run_tiny("paper_table4.yaml", tmp_path / "results", "table4")
+    teachers_line = out.index("teacher(s) first")
+    stage1_line = out.index("training 7 stage-1 SimKD run(s) first")
+    assert teachers_line < stage1_line < out.index("14 planned: 14 completed")
+    trials = finished_trials(experiment)
+    pairs = trials.groupby(["teacher", "student"])["sequential_input"].apply(sorted)
+    assert len(pairs) == 7 and all(inputs == ["projected", "student_pooled"] for inputs in pairs)
+    plan = json.loads((experiment / "tune_kd_plan.json").read_text())
+    sources = {t["config"]["sequential_from"] for t in plan["trials"]}
+    assert len(sources) == 7  # one stage-1 run per pair, shared by its two classifiers
+    assert all((Path(s) / "checkpoint.pt").exists() or Path(s).exists() for s in sources)
