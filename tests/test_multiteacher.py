@@ -190,8 +190,8 @@ def test_a_fused_student_of_two_teachers_reports_what_it_reports_alone(
     fused_steps,  # noqa: F811
 ):
     configs = [
-        tiny_multi(two_teachers, method=method, epochs=2, fuse_students=True),
-        tiny_multi(two_teachers, method=method, epochs=2, fuse_students=True, lr=0.02),
+        tiny_multi(two_teachers, method=method, epochs=1, fuse_students=True),
+        tiny_multi(two_teachers, method=method, epochs=1, fuse_students=True, lr=0.02),
     ]
     grouped = train.Run(configs)
     assert [m.distiller.teacher_count for m in grouped.members] == [2, 2]
