@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 
+import numpy as np
 import pyarrow as pa
 
 from tune_kd.analysis.read import Folder, Parsed
@@ -72,7 +73,7 @@ def write_parsed(
         "size": [p.size for p in kept.values()],
         "mtime_ns": [p.mtime_ns for p in kept.values()],
         "bad": [p.bad for p in kept.values()],
-        "table": [stream_bytes(p.results) for p in kept.values()],
+        "table": binary_array([stream_bytes(p.results) for p in kept.values()]),
     }
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, SCHEMA) as writer:
@@ -81,6 +82,15 @@ def write_parsed(
         storage.write(sink.getvalue().to_pybytes(), PARSED_FILE)
     except OSError as error:
         log.debug("%s not written: %r", PARSED_FILE, error)
+
+
+def binary_array(blobs: list[bytes]) -> pa.LargeBinaryArray:
+    """`blobs` as one Arrow array, built from one joined buffer and its offsets: a tenth of the
+    time `pa.array` takes to copy them one by one."""
+    offsets = np.zeros(len(blobs) + 1, np.int64)
+    np.cumsum([len(blob) for blob in blobs], out=offsets[1:])
+    buffers = [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(blobs))]
+    return pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(blobs), buffers)
 
 
 def stream_bytes(table: pa.Table) -> bytes:
