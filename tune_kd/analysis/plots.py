@@ -153,13 +153,17 @@ def curves_figure(panels: list[tuple[str, list[Line]]], column: str) -> Figure |
     fig = Figure(figsize=(5 * columns, 3.8 * rows + 0.6), layout="constrained")
     axes = fig.subplots(rows, columns, sharex=True, sharey=True, squeeze=False).ravel()
     ylabel, title = CURVE_LABELS.get(column, (column, column))
+    shared_legend = len({tuple(label for label, _ in lines) for _, lines in panels}) == 1
     for ax, (name, lines) in zip(axes, panels):
-        curve_panel(ax, lines, name)
+        curve_panel(ax, lines, name, legend=not shared_legend)
         ax.set_ylabel(ylabel)
         if column in LOG_CURVES:
             ax.set_yscale("log")
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
+    if shared_legend:  # every panel's lines are the same learning rates, in the same colours
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside right upper", fontsize="small")
     fig.suptitle(f"{title} (mean line, ± std band over seeds)")
     return fig
 
@@ -210,8 +214,8 @@ def line_stats(
     return [parts.get(line, stats.iloc[:0].droplevel(0)) for line in range(count)]
 
 
-def curve_panel(ax: Axes, lines: Sequence[Line], name: str) -> None:
-    """One panel: each line's mean per epoch with its ± std band."""
+def curve_panel(ax: Axes, lines: Sequence[Line], name: str, legend: bool = True) -> None:
+    """One panel: each line's mean per epoch with its ± std band (and their legend)."""
     for label, stats in lines:
         (line,) = ax.plot(stats.index, stats["mean"], label=label)
         low, high = stats["mean"] - stats["std"], stats["mean"] + stats["std"]
@@ -221,7 +225,8 @@ def curve_panel(ax: Axes, lines: Sequence[Line], name: str) -> None:
     ax.tick_params(labelbottom=True)  # also above an empty slot of the grid
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    if legend:
+        ax.legend(fontsize="small")
 
 
 def plot_accuracy_vs_gpu_hours(trials: pd.DataFrame, metric: str = "best") -> Figure | None:
