@@ -18,28 +18,23 @@ no host sync.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from tune_kd import losses
+from tune_kd.distillers.aveg import AVEG
 from tune_kd.distillers.base import (
-    EXTRA_TEACHER_KEYS,
     Batch,
     Distiller,
     StepOutput,
-    Teacher,
     TeacherOutput,
     key,
 )
 from tune_kd.distillers.registry import register
-
-if TYPE_CHECKING:
-    from tune_kd.config import Config
 
 
 def logit_gradients(logits: Tensor, teachers: Sequence[Tensor], temperature: float) -> Tensor:
@@ -53,26 +48,25 @@ def logit_gradients(logits: Tensor, teachers: Sequence[Tensor], temperature: flo
     return torch.stack(rows).mean(dim=1) / logits.shape[0]
 
 
-def active_sets(count: int) -> Tensor:
+def active_sets(count: int, device: torch.device) -> Tensor:
     """[3^count, count]: every way to hold each of `count` weights at 0 (0), free (1) or at the
-    cap (2)."""
-    return torch.tensor(list(itertools.product((0, 1, 2), repeat=count)))
+    cap (2), computed on `device` (no copy from the host inside a captured step)."""
+    powers = 3 ** torch.arange(count, device=device)
+    return torch.arange(3**count, device=device)[:, None] // powers % 3
 
 
-def min_norm_weights(gradients: Tensor, cap: float, states: Tensor | None = None) -> Tensor:
+def min_norm_weights(gradients: Tensor, cap: float) -> Tensor:
     """The weights w, `0 <= w <= cap` and `sum(w) = 1`, of the shortest `w @ gradients`.
 
     The minimum is a stationary point of the problem with each weight held at a bound or left
     free; every such choice is one linear system (the free weights' gradient rows plus a shared
     multiplier, the others at their bound, the weights summing to 1), solved all at once in
-    float64. Of the solutions within the bounds, the shortest is the minimum. `states`:
-    `active_sets(M)` on the gradients' device, made once by a caller that solves many times."""
+    float64. Of the solutions within the bounds, the shortest is the minimum."""
     count = gradients.shape[0]
     grads = gradients.to(torch.float64)
     gram = grads @ grads.T
     gram = gram / gram.diagonal().sum().clamp(min=torch.finfo(torch.float64).tiny)
-    if states is None:
-        states = active_sets(count).to(grads.device)
+    states = active_sets(count, grads.device)
     free, at_cap = states == 1, states == 2
     like = {"dtype": torch.float64, "device": grads.device}
     systems = torch.zeros(len(states), count + 1, count + 1, **like)
@@ -105,27 +99,10 @@ class AEKD(Distiller):
             low=0,
         ),
     )
-    uses = (
-        "teacher",
-        "teacher_checkpoint",
-        *EXTRA_TEACHER_KEYS,
-        "temperature",
-        "ce_weight",
-        "kd_weight",
-    )
+    uses = AVEG.uses  # the teachers, the temperature and the two weights
     defaults: ClassVar[dict[str, float]] = {"ce_weight": 1.0, "kd_weight": 0.9}  # the authors'
     # Not tried under vmap fusion: the weights' linear systems would be stacked per student.
     fusable = False
-
-    def __init__(
-        self,
-        student: nn.Module,
-        config: Config,
-        teachers: Sequence[Teacher] = (),
-        train_labels: Tensor | None = None,
-    ):
-        super().__init__(student, config, teachers, train_labels)
-        self.register_buffer("active_sets", active_sets(self.teacher_count), persistent=False)
 
     def loss(
         self, out: dict[str, Any], batch: Batch, teachers: Sequence[TeacherOutput]
@@ -137,7 +114,7 @@ class AEKD(Distiller):
         )
         cap = min(max(self.config.aekd_c, 1 / len(teachers)), 1.0)
         gradients = logit_gradients(logits.detach(), [t.logits for t in teachers], temperature)
-        weights = min_norm_weights(gradients, cap, self.active_sets)
+        weights = min_norm_weights(gradients, cap)
         loss = self.config.kd_weight * (weights * kl).sum()
         if self.config.ce_weight:
             loss = loss + self.config.ce_weight * losses.cross_entropy(logits, batch.labels)
