@@ -10,6 +10,7 @@ import json
 import re
 import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -111,11 +112,22 @@ def test_every_planned_trial_is_one_tracker_run_with_its_values(tmp_path, monkey
             config = ast.literal_eval(re.search(r"^config: (.*)$", log, re.MULTILINE)[1])
             seen.add(config["index"])
             assert config["epochs"] == 2
-            records = next(folder.glob("*.wandb")).read_bytes()  # W&B's own binary log
-            for axis in ("lr", "seed"):
-                assert f"{axis}={config[axis]}".encode() in records  # the run's tags
-            assert b"test_acc" in records
+            tags = [f"{axis}={config[axis]}".encode() for axis in ("lr", "seed")]
+            records = wandb_records(folder, [*tags, b"test_acc"])
+            for wanted in [*tags, b"test_acc"]:  # the run's tags and its metrics
+                assert wanted in records
         assert seen == set(by_index)
+
+
+def wandb_records(folder: Path, wanted: list[bytes], seconds: float = 30) -> bytes:
+    """An offline run's binary log (`*.wandb`) once it holds everything `wanted`, or as it is
+    after `seconds`: W&B's service process writes it on its own time, after the run finished."""
+    deadline = time.monotonic() + seconds
+    while True:
+        records = next(folder.glob("*.wandb")).read_bytes()
+        if all(w in records for w in wanted) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.5)
 
 
 def unused_port() -> int:
