@@ -206,10 +206,20 @@ class Space:
         return list(packed.values())
 
     def with_teacher_checkpoints(self, checkpoints: Mapping[str, str]) -> Space:
-        """This space with every trial whose teachers are in `checkpoints` (by `TeacherNeed.key`)
-        distilling from those files: where the teachers trained first are cached."""
+        """This space with every trial and stage-1 run whose teachers are in `checkpoints` (by
+        `TeacherNeed.key`) distilling from those files: where the teachers trained first are
+        cached."""
         files = {n.key: n.checkpoint for n in self.teachers if n.checkpoint} | dict(checkpoints)
-        return dataclasses.replace(self, trials=[_with_files(t, files) for t in self.trials])
+        stage1 = [
+            dataclasses.replace(
+                n, config=dataclasses.replace(n.config, teacher_checkpoint=files[n.teacher_key])
+            )
+            if n.teacher_key in files
+            else n
+            for n in self.stage1
+        ]
+        trials = [_with_files(t, files) for t in self.trials]
+        return dataclasses.replace(self, trials=trials, stage1=stage1)
 
     def with_stage1_runs(self, runs: Mapping[str, str]) -> Space:
         """This space with every trial whose stage-1 run is in `runs` (by `Stage1Need.key`)

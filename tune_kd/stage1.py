@@ -13,7 +13,7 @@ both `sequential_input` values of a pair and seed) share one run.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -88,14 +88,11 @@ def train_missing(
     storage: Storage,
     train: Callable[[str, list[Config]], Sequence[bytes | None]],
 ) -> None:
-    """Train the stage-1 runs of `space` (its trials reading their teachers' files) not yet in
-    the cache, and cache each one's final run checkpoint with its configuration
+    """Train the stage-1 runs of `space` (reading their teachers' files) not yet in the cache,
+    and cache each one's final run checkpoint with its configuration
     (`teachers.train_and_cache`: `train` returns each run's checkpoint)."""
-    runs: Mapping[str, Config] = {
-        t.stage1_key: stage1_config(t.config) for t in space.trials if t.stage1_key
-    }
     missing = [
-        teachers.TrainedFirst(n.label, runs[n.key], cache_parts(n))
+        teachers.TrainedFirst(n.label, n.config, cache_parts(n))
         for n in space.stage1
         if not storage.exists(*cache_parts(n))
     ]
